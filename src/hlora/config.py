@@ -1,0 +1,218 @@
+"""Typed configs. The dataclass signatures are the schema; YAML and `key=value` overrides fill them.
+
+Every default carries its reason: most follow the paper (arXiv 2501.13669) and its public reference code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value, file or override that cannot be used; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    # Registry name, local HF directory, local .gguf file, or HF hub id (see assets.py).
+    name: str = "smollm2-135m"
+    dtype: str = "float32"  # CPU training and lm-eval parity both want fp32
+    device: str = "auto"  # auto = cuda if available else cpu
+
+
+@dataclass
+class LoraConfig:
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # paper / reference code
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    rslora: bool = False  # s = alpha/sqrt(r) instead of alpha/r
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 8e-4  # reference code
+    schedule: str = "linear"  # any transformers SchedulerType name
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    seq_len: int = 128
+    seed: int = 0
+    max_examples: int = 0  # 0 = all training examples of the split
+    logging_steps: int = 1
+    save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
+
+
+@dataclass
+class MethodConfig:
+    """The regularizer of stage mu. Baselines and ablations are settings of these fields."""
+
+    name: str = "hlora"  # registry key: none | hlora | ewc
+    phi: float = 1e-3  # paper's regularization coefficient
+    layer_weighting: str = "softmax"  # softmax | uniform (ablation "-layer")
+    layer_scale: Any = 1e-8  # float (reference code) or "auto" = 1/mean_l ||Omega_l||
+    layer_group: str = "module"  # module | block
+    lam: float = 0.5  # EWC-LoRA lambda (on sample-normalised Fisher)
+    fisher: str = "empirical"  # empirical | sampled
+    fisher_examples: int = 64
+
+
+@dataclass
+class ImportanceConfig:
+    xi: float = 1e-9  # paper eq. 13 damping
+    clamp: str = "step"  # step (reference code) | end (SI original) | none
+    grad: str = "paper"  # paper (eq. 11 pseudo-gradient) | exact
+    consolidate: str = "end"  # end | epoch
+    dtype: str = "float32"  # on-disk dtype of Omega: float32 | float16 | bfloat16
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["sciq", "wikitext"])
+    limit: int = 0  # 0 = all items
+    batch_size: int = 8
+    ppl_window: int = 512  # tokens per non-overlapping perplexity window
+    ppl_max_tokens: int = 0  # 0 = whole split
+    split: str = "eval"  # eval = the task's held-out split
+
+
+@dataclass
+class RunConfig:
+    """One stage (general / domain) or one evaluation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: str = "wikitext"  # training task: general text (stage nu) or domain task (stage mu)
+    init_adapter: str = ""  # stage mu: continue this (nu) adapter; "" = fresh adapter
+    importance_file: str = ""  # stage mu: importance of the nu stage (or Fisher)
+    out: str = "runs/run"
+
+
+# ---------------------------------------------------------------- generic (de)serialisation
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/override value to the annotated type, or raise ConfigError naming `where`."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        import difflib
+
+        hint = difflib.get_close_matches(unknown[0], names, n=1)
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply dotted `a.b=value` overrides to a dataclass config, returning a new config."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"override {item!r}: unknown section {p!r}")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+        node[parts[-1]] = _parse_scalar(raw)
+    return from_dict(type(cfg), data)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return data
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None):
+    data = dict(base or {})
+    if path:
+        data.update(load_yaml(path))
+    cfg = from_dict(cls, data, where=str(path) if path else "config")
+    return apply_overrides(cfg, overrides or [])
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,107 @@
+"""Load a base model (registry name, HF dir, GGUF, hub id) and attach / save / load PEFT LoRA."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .assets import AssetError, ModelSource, resolve_model
+from .config import LoraConfig, ModelConfig
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    if src.kind == "tiny":
+        from .testing import tiny_tokenizer
+
+        return tiny_tokenizer()
+    kw = {"gguf_file": src.gguf_file} if src.kind == "gguf" else {}
+    tok = AutoTokenizer.from_pretrained(src.path, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig | str, seed: int = 0):
+    """Return (model, tokenizer, source). fp32 by default; eval mode; on cfg.device."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg)
+    src = resolve_model(cfg.name)
+    dtype = getattr(torch, cfg.dtype)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if src.kind == "tiny":
+            from .testing import tiny_model
+
+            model = tiny_model(src.path, seed=seed).to(dtype)
+        elif src.kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype)
+        tok = load_tokenizer(src)
+    except (OSError, ValueError) as e:
+        if src.kind == "hub":
+            raise AssetError(
+                f"model {cfg.name!r} is not a local path and could not be loaded from the HF hub: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+        raise
+    model.to(pick_device(cfg.device))
+    model.eval()
+    return model, tok, src
+
+
+def model_fingerprint(model: nn.Module, src: ModelSource | None = None) -> str:
+    """Short hash of the architecture and a sample of weights: an importance file names its model by it."""
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    for name, p in list(model.named_parameters())[:4]:
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig):
+    """Wrap `model` with a fresh PEFT LoRA adapter (PeftModel)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in cfg.targets if t not in present]
+    if missing:
+        raise ValueError(
+            f"LoRA target module {missing[0]!r} not found in {type(model).__name__}; "
+            f"modules that exist include: {', '.join(sorted(present)[:20])}"
+        )
+    fan_in_fan_out = type(model).__name__.startswith("GPT2")  # GPT-2 uses Conv1D (in x out weights)
+    pcfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.targets),
+        use_rslora=cfg.rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, pcfg)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """Base model + saved PEFT adapter (PeftModel)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise AssetError(f"adapter directory {adapter_dir} has no adapter_config.json")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
