@@ -50,6 +50,7 @@ class TrainConfig:
     max_examples: int = 0  # 0 = all training examples of the split
     logging_steps: int = 1
     save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
+    max_grad_norm: float = 1.0  # transformers default; SI reads the clipped (applied) gradient
 
 
 @dataclass
@@ -96,6 +97,7 @@ class RunConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: str = "wikitext"  # training task: general text (stage nu) or domain task (stage mu)
+    general_data: str = "wikitext"  # general text (EWC-LoRA Fisher in stage mu)
     init_adapter: str = ""  # stage mu: continue this (nu) adapter; "" = fresh adapter
     importance_file: str = ""  # stage mu: importance of the nu stage (or Fisher)
     out: str = "runs/run"

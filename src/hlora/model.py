@@ -31,10 +31,28 @@ def load_tokenizer(src: ModelSource):
     return tok
 
 
+_CACHE: dict = {}
+
+
 def load_model(cfg: ModelConfig | str, seed: int = 0):
-    """Return (model, tokenizer, source). fp32 by default; eval mode; on cfg.device."""
+    """Return (model, tokenizer, source): a fresh copy each call (fp32 by default, eval mode, on cfg.device).
+
+    The first load of a name is kept in memory: a GGUF takes ~30 s to dequantise and an experiment
+    loads the same base model for every cell.
+    """
+    import copy
+
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
+    key = (cfg.name, cfg.dtype, cfg.device, seed if cfg.name.startswith("tiny-") else 0)
+    if key not in _CACHE:
+        _CACHE.clear()  # keep one base model at most
+        _CACHE[key] = _load_model(cfg, seed)
+    model, tok, src = _CACHE[key]
+    return copy.deepcopy(model), tok, src
+
+
+def _load_model(cfg: ModelConfig, seed: int):
     src = resolve_model(cfg.name)
     dtype = getattr(torch, cfg.dtype)
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,234 @@
+"""`hlora` command line. Every subcommand takes --config FILE.yaml and dotted key=value overrides."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# Flags that are shorthands for dotted overrides (the override wins if both are given).
+RUN_FLAGS = {
+    "--model": "model.name", "--data": "data", "--general-data": "general_data", "--out": "out",
+    "--init-adapter": "init_adapter", "--importance": "importance_file",
+    "--method": "method.name", "--phi": "method.phi", "--layer-weighting": "method.layer_weighting",
+    "--layer-scale": "method.layer_scale", "--layer-group": "method.layer_group", "--lam": "method.lam",
+    "--fisher": "method.fisher",
+    "--xi": "importance.xi", "--clamp": "importance.clamp", "--grad": "importance.grad",
+    "--consolidate": "importance.consolidate", "--importance-dtype": "importance.dtype",
+    "--targets": "lora.targets", "--r": "lora.r", "--alpha": "lora.alpha", "--lora-dropout": "lora.dropout",
+    "--rslora": "lora.rslora",
+    "--lr": "train.lr", "--schedule": "train.schedule", "--batch-size": "train.batch_size",
+    "--grad-accum": "train.grad_accum", "--epochs": "train.epochs", "--max-steps": "train.max_steps",
+    "--seq-len": "train.seq_len", "--seed": "train.seed", "--max-examples": "train.max_examples",
+    "--save-steps": "train.save_steps",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+def _add_common(p: argparse.ArgumentParser, flags: dict[str, str] | None = None):
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
+    for flag, key in (flags or {}).items():
+        p.add_argument(flag, dest="flag:" + key, metavar="V", help=f"same as {key}=V")
+
+
+def _overrides(args) -> list[str]:
+    out = [f"{k[5:]}={v}" for k, v in vars(args).items() if k.startswith("flag:") and v is not None]
+    return out + list(args.overrides or [])
+
+
+def _run_config(args):
+    from .config import RunConfig, load_config
+
+    return load_config(RunConfig, args.config, _overrides(args))
+
+
+# ------------------------------------------------------------------------------ subcommands
+
+
+def cmd_general(args):
+    from .train import run_stage
+
+    cfg = _run_config(args)
+    t = time.perf_counter()
+    out = run_stage(cfg, "general", resume=args.resume)
+    print(f"stage ν done in {time.perf_counter() - t:.1f} s -> {out}/adapter, {out}/importance.safetensors")
+
+
+def cmd_domain(args):
+    from .train import run_stage
+
+    cfg = _run_config(args)
+    t = time.perf_counter()
+    out = run_stage(cfg, "domain", resume=args.resume)
+    print(f"stage μ ({cfg.method.name}) done in {time.perf_counter() - t:.1f} s -> {out}/adapter")
+
+
+def format_eval_table(result: dict) -> str:
+    rows = ["| task | metric | value | n | seconds |", "|---|---|---:|---:|---:|"]
+    for name, r in result["tasks"].items():
+        keys = ["acc", "acc_norm"] if "acc" in r else ["token_ppl", "word_ppl", "bits_per_byte"]
+        for k in keys:
+            rows.append(f"| {name} | {k} | {r[k]:.4f} | {r.get('n', r.get('n_tokens', ''))} | {r.get('seconds', 0):.1f} |")
+    return "\n".join(rows)
+
+
+def cmd_eval(args):
+    from .config import EvalConfig, ModelConfig, load_config
+    from .data import get_task
+    from .evaluate import evaluate
+    from .files import write_json
+    from .model import load_adapter, load_model
+
+    ecfg = load_config(EvalConfig, args.config, _overrides(args))
+    if args.tasks:
+        ecfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None:
+        ecfg.limit = args.limit
+    tasks = [get_task(t) for t in ecfg.tasks]  # resolve (and fail on bad names/files) before loading a model
+    for t in tasks:
+        t.eval_items(1) if t.kind == "mcq" else t.eval_texts()
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise CLIError(f"adapter directory {args.adapter} has no adapter_config.json")
+    t0 = time.perf_counter()
+    model, tok, _ = load_model(ModelConfig(name=args.model, dtype=args.dtype))
+    if args.adapter:
+        model = load_adapter(model, args.adapter)
+    load_s = time.perf_counter() - t0
+    res = evaluate(model, tok, tasks, limit=ecfg.limit, batch_size=ecfg.batch_size,
+                   ppl_window=ecfg.ppl_window, ppl_max_tokens=ecfg.ppl_max_tokens)
+    res.update(model=args.model, adapter=args.adapter or None, load_seconds=load_s)
+    if args.out:
+        write_json(args.out, res)
+    print(format_eval_table(res))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def cmd_run(args):
+    from .experiment import ExperimentConfig, run_experiment
+
+    from .config import load_config
+
+    cfg = load_config(ExperimentConfig, args.config or args.config_pos, _overrides(args))
+    out = run_experiment(cfg)
+    print(f"results: {out / 'results.json'}; report: {out / 'report'}")
+
+
+def cmd_report(args):
+    from .report import write_report
+
+    out = args.out or str(Path(args.results).parent / "report")
+    written = write_report(args.results, out)
+    print(f"wrote {len(written)} files to {out}")
+
+
+def cmd_inspect(args):
+    from .importance import Importance
+    from .report import inspect_importance
+
+    imp = Importance.load(args.file)
+    out = args.out or str(Path(args.file).with_suffix("")) + "_inspect"
+    summary = inspect_importance({k: float(v) for k, v in imp.layer_norms().items()}, out)
+    print(summary)
+
+
+def cmd_bench(args):
+    from .bench import main as bench_main
+
+    bench_main(args)
+
+
+def cmd_demo(args):
+    from .experiment import demo
+
+    demo(out=args.out, overrides=_overrides(args), config=args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hlora", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("general", help="stage ν: LoRA on general text, recording SI importance")
+    _add_common(g, RUN_FLAGS)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
+    g.set_defaults(fn=cmd_general)
+
+    d = sub.add_parser("domain", help="stage μ: LoRA on a task with a regularizer (--method hlora|none|ewc)")
+    _add_common(d, RUN_FLAGS)
+    d.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
+    d.set_defaults(fn=cmd_domain)
+
+    e = sub.add_parser("eval", help="evaluate a base model or base+adapter on tasks")
+    _add_common(e)
+    e.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF directory, a .gguf file or a hub id")
+    e.add_argument("--adapter", help="PEFT adapter directory")
+    e.add_argument("--tasks", help="comma list: sciq,piqa,medmcqa,wikitext,text:FILE,mcq:FILE")
+    e.add_argument("--limit", type=int, help="first N items of each MCQ task")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--out", help="write metrics and per-item scores here (JSON)")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("run", help="experiment grid methods x tasks x seeds -> results.json + report")
+    r.add_argument("config_pos", nargs="?", metavar="CONFIG")
+    _add_common(r)
+    r.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("report", help="tables and figures from a results.json")
+    rp.add_argument("results")
+    rp.add_argument("--out", help="report folder (default: report/ beside the results)")
+    rp.set_defaults(fn=cmd_report)
+
+    i = sub.add_parser("inspect", help="summarise an importance file; heatmap of log ||Ω_l||")
+    i.add_argument("file")
+    i.add_argument("--out", help="folder for the heatmap (default: beside the file)")
+    i.set_defaults(fn=cmd_inspect)
+
+    b = sub.add_parser("bench", help="performance benchmarks, printing measured ratios")
+    b.add_argument("--model", default="tiny-llama")
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--out", help="write the numbers here (JSON)")
+    b.set_defaults(fn=cmd_bench)
+
+    dm = sub.add_parser("demo", help="the main job: Base, LoRA(μ), HLoRA on SciQ with SmolLM2 (embedded data)")
+    _add_common(dm)
+    dm.add_argument("--out", default="runs/demo")
+    dm.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .assets import AssetError
+    from .config import ConfigError
+    from .data import DataError
+
+    known = (CLIError, ConfigError, AssetError, DataError, FileNotFoundError)
+    try:
+        from .train import TrainingError
+
+        known = known + (TrainingError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        args.fn(args)
+    except known as e:
+        print(f"hlora {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # checks of importance files, LoRA targets, method names
+        print(f"hlora {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"hlora {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The task registry: built-in tasks (sciq, piqa, medmcqa, wikitext) and the generic `text:FILE` and
+`mcq:FILE`. All multiple-choice tasks share one class; they differ only in a template (data).
+
+Prompts follow lm-evaluation-harness 0.4.x exactly (tasks/sciq, tasks/piqa, tasks/medmcqa):
+the model scores (context, " " + choice) and acc_norm divides by len(choice).
+"""
+from __future__ import annotations
+
+import difflib
+import random
+from dataclasses import dataclass, field as dfield
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qsl
+
+from ..assets import AssetError, find_data
+from .base import DataError, MCQItem
+from .jsonl import field, read_jsonl, sha256_file
+
+# ------------------------------------------------------------------ templates (lm-eval's, as data)
+
+
+def _sciq(path: Path, ln: int, d: dict) -> tuple[str, list[str], int]:
+    ctx = f"{field(path, ln, d, 'support').lstrip()}\nQuestion: {field(path, ln, d, 'question')}\nAnswer:"
+    ch = [field(path, ln, d, k) for k in ("distractor1", "distractor2", "distractor3", "correct_answer")]
+    return ctx, ch, 3
+
+
+def _piqa(path: Path, ln: int, d: dict) -> tuple[str, list[str], int]:
+    ctx = f"Question: {field(path, ln, d, 'goal')}\nAnswer:"
+    return ctx, [field(path, ln, d, "sol1"), field(path, ln, d, "sol2")], field(path, ln, d, "label", int)
+
+
+def _medmcqa(path: Path, ln: int, d: dict) -> tuple[str, list[str], int]:
+    opts = [field(path, ln, d, k) for k in ("opa", "opb", "opc", "opd")]
+    ctx = f"Question: {field(path, ln, d, 'question')}\nChoices:\n"
+    ctx += "".join(f"{letter}. {opt}\n" for letter, opt in zip("ABCD", opts)) + "Answer:"
+    cop = field(path, ln, d, "cop", int)  # 1-based in the raw release (shared/data/PROVENANCE.md)
+    if not 1 <= cop <= 4:
+        raise DataError(f"{path}:{ln}: field 'cop' must be 1..4 (1-based), got {cop}")
+    return ctx, ["A", "B", "C", "D"], cop - 1
+
+
+@dataclass
+class MCQTemplate:
+    parse: Callable[[Path, int, dict], tuple[str, list[str], int]]
+    files: dict[str, str]  # split -> path relative to the data root
+    # Labelled files without a train split are split here: (file split name, eval fraction).
+    split_from: str = ""
+    eval_fraction: float = 0.5
+    id_field: str = ""
+
+
+BUILTIN_MCQ = {
+    "sciq": MCQTemplate(_sciq, {"train": "sciq/train.jsonl", "validation": "sciq/validation.jsonl",
+                                "test": "sciq/test.jsonl", "eval": "sciq/test.jsonl"}),
+    "piqa": MCQTemplate(_piqa, {"all": "piqa/validation.jsonl"}, split_from="all"),
+    "medmcqa": MCQTemplate(_medmcqa, {"all": "medmcqa/dev.jsonl"}, split_from="all", id_field="id"),
+}
+BUILTIN_TEXT = {"wikitext": {"train": "wikitext-2-raw/validation.jsonl", "eval": "wikitext-2-raw/test.jsonl"}}
+SPLIT_SEED = 1234  # fixed: the train/eval split of PIQA and MedMCQA never depends on the run's seed
+
+
+def _generic_mcq_parser(opts: dict) -> Callable:
+    ctx_f = tuple(opts["context"].split("|")) if "context" in opts else ("context", "query", "question")
+    ch_f = opts.get("choices", "choices")
+    gold_f = tuple(opts["gold"].split("|")) if "gold" in opts else ("gold", "answer", "label")
+    template = opts.get("template", "{context}").replace("\\n", "\n")
+
+    def parse(path: Path, ln: int, d: dict):
+        ctx = field(path, ln, d, ctx_f)
+        choices = field(path, ln, d, ch_f, list)
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise DataError(f"{path}:{ln}: field {ch_f!r} must be a non-empty list of strings")
+        gold = field(path, ln, d, gold_f, int)
+        return template.replace("{context}", ctx), choices, gold
+
+    return parse
+
+
+@dataclass
+class MCQTask:
+    name: str
+    template: MCQTemplate
+    data_root: Path | None = None
+    eval_split: str = "eval"
+    kind: str = "mcq"
+    _cache: dict = dfield(default_factory=dict, repr=False)
+
+    def _path(self, split: str) -> Path:
+        rel = self.template.files[split]
+        if Path(rel).is_absolute():
+            return Path(rel)
+        return find_data(rel, [self.data_root] if self.data_root else None)
+
+    def _load(self, split: str) -> list[MCQItem]:
+        if split in self._cache:
+            return self._cache[split]
+        t = self.template
+        if t.split_from:
+            if split not in ("train", "eval", "all"):
+                raise DataError(f"task {self.name}: split {split!r} unknown; use train, eval or all")
+            items = self._parse(self._path(t.split_from))
+            if split != "all":
+                order = list(range(len(items)))
+                random.Random(SPLIT_SEED).shuffle(order)
+                n_eval = int(round(len(items) * t.eval_fraction))
+                chosen = sorted(order[:n_eval]) if split == "eval" else sorted(order[n_eval:])
+                items = [items[i] for i in chosen]
+        else:
+            if split not in t.files:
+                raise DataError(f"task {self.name}: split {split!r} unknown; known: {', '.join(t.files)}")
+            items = self._parse(self._path(split))
+        self._cache[split] = items
+        return items
+
+    def _parse(self, path: Path) -> list[MCQItem]:
+        items = []
+        for ln, d in read_jsonl(path):
+            ctx, choices, gold = self.template.parse(path, ln, d)
+            if not 0 <= gold < len(choices):
+                raise DataError(f"{path}:{ln}: answer index {gold} out of range for {len(choices)} choices")
+            iid = str(d.get(self.template.id_field, "")) if self.template.id_field else ""
+            items.append(MCQItem(id=iid or f"{path.stem}:{ln}", context=ctx, choices=tuple(choices), gold=gold))
+        return items
+
+    def eval_items(self, limit: int = 0) -> list[MCQItem]:
+        items = self._load(self.eval_split)
+        return items[:limit] if limit else items
+
+    def train_items(self, limit: int = 0) -> list[MCQItem]:
+        items = self._load("train")
+        return items[:limit] if limit else items
+
+    def train_texts(self, limit: int = 0) -> list[str]:
+        return [it.train_text for it in self.train_items(limit)]
+
+    def eval_texts(self) -> list[str]:
+        return [it.train_text for it in self.eval_items()]
+
+    def describe(self) -> dict:
+        t = self.template
+        files = {s: self._path(s) for s in t.files}
+        out = {"task": self.name, "eval_split": self.eval_split,
+               "files": {s: str(p.name) for s, p in files.items()},
+               "sha256": {s: sha256_file(p)[:16] for s, p in files.items()}}
+        if t.split_from:
+            out.update(split_seed=SPLIT_SEED, eval_fraction=t.eval_fraction,
+                       n_train=len(self._load("train")), n_eval=len(self._load("eval")),
+                       eval_ids_head=[it.id for it in self._load("eval")[:5]])
+        return out
+
+
+@dataclass
+class TextTask:
+    """General text: JSONL with a `text` field, or plain .txt (one document)."""
+
+    name: str
+    files: dict[str, str]
+    data_root: Path | None = None
+    text_field: str = "text"
+    kind: str = "text"
+
+    def _path(self, split: str) -> Path:
+        rel = self.files.get(split) or self.files["eval"]
+        return Path(rel) if Path(rel).is_absolute() else find_data(rel, [self.data_root] if self.data_root else None)
+
+    def _docs(self, split: str) -> list[str]:
+        p = self._path(split)
+        if p.suffix == ".jsonl":
+            docs = [field(p, ln, d, self.text_field) for ln, d in read_jsonl(p)]
+        else:
+            if not p.is_file():
+                raise AssetError(f"data file not found: {p}")
+            docs = [p.read_text(encoding="utf-8")]
+        docs = [d for d in docs if d.strip()]
+        if not docs:
+            raise DataError(f"{p}: empty data set (no non-empty text)")
+        return docs
+
+    def train_texts(self, limit: int = 0) -> list[str]:
+        docs = self._docs("train")
+        return docs[:limit] if limit else docs
+
+    def eval_texts(self) -> list[str]:
+        return self._docs("eval")
+
+    def eval_items(self, limit: int = 0) -> list[MCQItem]:
+        raise DataError(f"task {self.name} is general text: it has perplexity, not multiple-choice items")
+
+    def describe(self) -> dict:
+        return {"task": self.name, "files": {s: self._path(s).name for s in self.files},
+                "sha256": {s: sha256_file(self._path(s))[:16] for s in self.files}}
+
+
+TASK_NAMES = sorted([*BUILTIN_MCQ, *BUILTIN_TEXT, "text:FILE", "mcq:FILE"])
+
+
+def get_task(name: str, data_root: str | Path | None = None, eval_split: str = "eval"):
+    """Resolve a task name: sciq | piqa | medmcqa | wikitext | text:FILE | mcq:FILE[?field=..&template=..].
+
+    `sciq:validation` picks the evaluation split of a built-in task.
+    """
+    root = Path(data_root) if data_root else None
+    kind, _, rest = name.partition(":")
+    if kind in ("text", "mcq") and rest:
+        file, _, query = rest.partition("?")
+        opts = dict(parse_qsl(query, keep_blank_values=True))
+        p = Path(file).expanduser()
+        if not p.is_file():
+            raise AssetError(f"data file not found: {p} (task {name!r})")
+        if kind == "text":
+            return TextTask(name, {"train": str(p.resolve()), "eval": str(p.resolve())},
+                            text_field=opts.get("field", "text"))
+        tmpl = MCQTemplate(_generic_mcq_parser(opts), {"train": str(p.resolve()), "eval": str(p.resolve())},
+                           id_field=opts.get("id", ""))
+        return MCQTask(name, tmpl)
+    if kind in BUILTIN_MCQ:
+        return MCQTask(kind, BUILTIN_MCQ[kind], root, rest or eval_split)
+    if kind in BUILTIN_TEXT:
+        return TextTask(kind, BUILTIN_TEXT[kind], root)
+    hint = difflib.get_close_matches(kind, [*BUILTIN_MCQ, *BUILTIN_TEXT, "text", "mcq"], n=1)
+    raise DataError(
+        f"unknown task {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; known: {', '.join(TASK_NAMES)}"
+    )
