@@ -246,6 +246,10 @@ def run_experiment(cfg: ExperimentConfig, progress=print) -> Path:
     from .report import write_report
 
     _check(cfg)
+    if cfg.data_root == "embedded":  # the subset shipped inside the package
+        from .assets import EMBEDDED_DATA
+
+        cfg = dataclasses.replace(cfg, data_root=str(EMBEDDED_DATA))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = [(m, t, s, None) for s in cfg.seeds for t in cfg.tasks for m in cfg.methods]
@@ -276,13 +280,11 @@ def summary_table(results: list[dict]) -> str:
 
 def demo(out: str = "runs/demo", overrides: list[str] | None = None, config: str | None = None) -> Path:
     """The main job: SmolLM2 from the wheel + the data subset shipped in the package."""
-    from .assets import EMBEDDED_DATA, PACKAGE_DIR
+    from .assets import PACKAGE_DIR
     from .config import load_config
 
     cfg = load_config(ExperimentConfig, config or PACKAGE_DIR / "configs" / "demo.yaml",
                       [f"out={out}", *(overrides or [])])
-    if not cfg.data_root:
-        cfg.data_root = str(EMBEDDED_DATA)
     t = time.perf_counter()
     path = run_experiment(cfg)
     results = json.loads((path / "results.json").read_text())
