@@ -186,7 +186,8 @@ def _full_fisher(cfg: ExperimentConfig, out: Path) -> dict:
     model, tok, _ = load_model(cfg.model)
     rc = _stage_config(cfg, cfg.general, 0)
     rc.method = dataclasses.replace(rc.method, fisher_examples=max(1, cfg.method.fisher_examples))
-    cost = full_fisher_cost(model, _general_batches(rc, tok)(), n_examples=cfg.full_fisher_examples)
+    cost = full_fisher_cost(model, _general_batches(rc, tok)(), n_examples=cfg.full_fisher_examples,
+                            fisher_examples=cfg.method.fisher_examples, targets=cfg.lora.targets)
     write_json(path, cost)
     return cost
 

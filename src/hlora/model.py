@@ -82,8 +82,13 @@ def _load_model(cfg: ModelConfig, seed: int):
 def model_fingerprint(model: nn.Module, src: ModelSource | None = None) -> str:
     """Short hash of the architecture and a sample of weights: an importance file names its model by it."""
     h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    for name, p in list(model.named_parameters())[:4]:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h.update(type(inner).__name__.encode())
+    # Base weights only, with PEFT's prefixes removed: the same base model hashes the same with or
+    # without an adapter, whatever the adapter's initialisation.
+    base = [(n.replace("base_model.model.", "").replace(".base_layer", ""), p)
+            for n, p in model.named_parameters() if "lora_" not in n]
+    for name, p in base[:4]:
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
