@@ -50,6 +50,7 @@ class TrainConfig:
     max_examples: int = 0  # 0 = all training examples of the split
     logging_steps: int = 1
     save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
+    shuffle: bool = True  # false = data in order (reproducible global batches, e.g. DDP checks)
     max_grad_norm: float = 1.0  # transformers default; SI reads the clipped (applied) gradient
 
 

@@ -128,6 +128,7 @@ def _training_args(cfg: RunConfig, out: Path, n_examples: int) -> TrainingArgume
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_grad_norm=t.max_grad_norm,
+        train_sampling_strategy="random" if t.shuffle else "sequential",
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
@@ -140,7 +141,6 @@ def _training_args(cfg: RunConfig, out: Path, n_examples: int) -> TrainingArgume
         dataloader_num_workers=0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
-        save_safetensors=True,
     )
 
 
@@ -180,8 +180,10 @@ def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks:
     fresh = prepare_run_dir(out, resume, cfg)
     try:
         return _run(cfg, stage, out, resume, extra_callbacks or [])
+    except KeyboardInterrupt:
+        raise  # interrupted, not failed: the run directory stays for --resume
     except BaseException:
-        if fresh and not resume:
+        if fresh:
             shutil.rmtree(out, ignore_errors=True)  # a failed fresh run leaves nothing behind
         raise
 
@@ -245,7 +247,6 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
         })
         imp.save(out / "importance.safetensors", dtype=cfg.importance.dtype)
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if cfg.train.save_steps > 0:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: checkpoints are no longer needed
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: checkpoints are no longer needed
     write_text(out / "DONE", "")
     return out

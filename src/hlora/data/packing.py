@@ -36,7 +36,7 @@ def pack(tokenizer, texts: list[str], seq_len: int, name: str = "data") -> Packe
         raise DataError("tokenizer has no EOS token to separate packed documents")
     stream: list[int] = []
     for t in texts:
-        stream.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
         stream.append(eos)
     n = len(stream) // seq_len
     if n == 0:
