@@ -1,2 +1,22 @@
-"""hlora: LoRA fine-tuning without forgetting (HLoRA, arXiv 2501.13669), baselines and evaluation."""
+"""hlora: LoRA fine-tuning without forgetting (HLoRA, arXiv 2501.13669), baselines and evaluation.
+
+Public names are imported lazily so that `import hlora` (and the CLI's --help) stays fast.
+"""
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "SIRecorder": "si", "HLoRACallback": "si", "Importance": "importance",
+    "HLoRAPenalty": "methods.hlora", "EWCPenalty": "methods.ewc", "fisher_diagonal": "methods.ewc",
+    "PenaltyTrainer": "train", "PenaltyMixin": "train", "run_stage": "train",
+    "evaluate": "evaluate", "loglikelihood": "evaluate", "perplexity": "evaluate",
+    "get_task": "data", "load_model": "model", "attach_lora": "model",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hlora' has no attribute {name!r}")

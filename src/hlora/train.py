@@ -45,9 +45,10 @@ class StepStats:
         self.task_loss, self.penalty, self.tokens = 0.0, 0.0, 0
 
 
-class PenaltyTrainer(Trainer):
-    """Trainer whose loss is task CE + the method's penalty; the two are logged apart.
+class PenaltyMixin:
+    """Adds a penalty to a transformers Trainer's loss; task loss and penalty are tracked apart.
 
+    Mix it into any Trainer subclass (TRL's SFTTrainer too): `class T(PenaltyMixin, SFTTrainer)`.
     The penalty is scaled like the CE so that after gradient accumulation (and DDP averaging)
     its gradient enters each optimizer step exactly once.
     """
@@ -80,6 +81,10 @@ class PenaltyTrainer(Trainer):
                 self.stats.penalty += p / ga
                 loss = loss + pen * share
         return (loss, out[1]) if return_outputs else loss
+
+
+class PenaltyTrainer(PenaltyMixin, Trainer):
+    """`Trainer` with `penalty_fn=` (e.g. `HLoRAPenalty(...).penalty`) added to the loss."""
 
 
 class JsonlLogger(TrainerCallback):
