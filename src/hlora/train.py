@@ -244,7 +244,7 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
         cb = next(c for c in callbacks if isinstance(c, HLoRACallback))
         imp = cb.importance
         imp.metadata.update({
-            "base_model": cfg.model.name, "model_hash": summary["model_hash"],
+            "base_model": cfg.model.name,
             "targets": ",".join(cfg.lora.targets), "r": str(cfg.lora.r), "alpha": str(cfg.lora.alpha),
             "rslora": str(cfg.lora.rslora), "xi": str(cfg.importance.xi), "clamp": cfg.importance.clamp,
             "grad": cfg.importance.grad, "steps": str(summary["steps"]), "tokens": str(summary["tokens"]),

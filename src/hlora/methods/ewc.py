@@ -314,18 +314,10 @@ class EWCPenalty(nn.Module):
 
 
 def _base_fingerprint(model: nn.Module) -> str:
-    """Hash of the pretrained weights only (LoRA parameters left out, PEFT's name prefixes removed),
-    so that a cached Fisher is recognised for the same base model whatever adapter sits on it."""
-    import hashlib
+    """Hash of the pretrained weights only: a cached Fisher is recognised whatever adapter sits on the model."""
+    from ..model import model_fingerprint
 
-    h = hashlib.sha256()
-    base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n][:4]
-    for name, p in base:
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return model_fingerprint(model)
 
 
 def _cache_matches(meta: dict, cfg: MethodConfig) -> bool:

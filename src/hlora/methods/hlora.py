@@ -1,0 +1,221 @@
+"""HLoRA's stage-μ penalty (paper eqs. 14–16, DESIGN section 2):
+
+    penalty = φ · Σ_l w_l · Σ_i Ω_{l,i} · (ΔW_{l,i} − ΔW^ν_{l,i})²
+    w = softmax_l(‖Ω_l‖_F · layer_scale)      (layer_weighting="softmax")
+    w_l = 1/L, L = number of transformer blocks (layer_weighting="uniform": the "-layer" ablation)
+
+Modules of equal shape are stacked into groups (as in the SI recorder), and each group's term is a
+custom autograd function that keeps nothing ΔW-sized between forward and backward: the forward forms
+D = s·B·A − ΔW^ν once to reduce Σ w·⟨Ω, D²⟩, the backward forms it again and returns
+dA = s·Bᵀ·(2wΩ⊙D), dB = s·(2wΩ⊙D)·Aᵀ: a handful of batched kernels per group, not per module.
+Ω and ΔW^ν are stacked buffers in the out x in layout, on the modules' device, in fp32.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..importance import Importance
+from ..lora import lora_modules, to_weight_layout
+from ..si import batched_delta_w, group_modules, stacked
+from .base import StageContext, register
+
+WEIGHTINGS = ("softmax", "uniform")
+GROUPS = ("module", "block")
+
+
+class _WeightedSquaredDrift(torch.autograd.Function):
+    """Σ_k w_k Σ Ω_k ⊙ (s_k·B_k·A_k − R_k)² over a group of equally shaped modules (stacked [n, out, in]),
+    recomputing the difference in backward instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, weight, scale, omega, ref, n: int, *params):
+        As, Bs = params[:n], params[n:]
+        A, B = stacked(As, omega.dtype), stacked(Bs, omega.dtype)
+        D = batched_delta_w(B, A, scale).sub_(ref)
+        D.square_().mul_(omega)
+        val = (D.sum(dim=(1, 2)) * weight.view(-1)).sum()
+        ctx.save_for_backward(weight, scale, omega, ref, A, B)
+        ctx.n = n
+        ctx.dtypes = [p.dtype for p in params]
+        return val
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale, omega, ref, A, B = ctx.saved_tensors
+        n = ctx.n
+        D = batched_delta_w(B, A, scale).sub_(ref)
+        # dP/dΔW_k = 2 w_k Ω_k ⊙ D_k, and dΔW/dB = s·(.)·Aᵀ, dΔW/dA = s·Bᵀ·(.)
+        D.mul_(omega).mul_(weight * scale * (2.0 * grad_out.to(D.dtype)))
+        gA = torch.bmm(B.transpose(1, 2), D)
+        gB = torch.bmm(D, A.transpose(1, 2))
+        grads = [gA[k].to(ctx.dtypes[k]) for k in range(n)] + [gB[k].to(ctx.dtypes[n + k]) for k in range(n)]
+        return (None, None, None, None, None, *grads)
+
+
+def _parse_layer_scale(layer_scale):
+    if isinstance(layer_scale, str):
+        if layer_scale.strip().lower() == "auto":
+            return "auto"
+        try:
+            layer_scale = float(layer_scale)
+        except ValueError:
+            raise ValueError(f"layer_scale must be a number or 'auto', got {layer_scale!r}") from None
+    layer_scale = float(layer_scale)
+    if not math.isfinite(layer_scale) or layer_scale < 0:
+        raise ValueError(f"layer_scale must be a finite number >= 0 or 'auto', got {layer_scale!r}")
+    return layer_scale
+
+
+class HLoRAPenalty(nn.Module):
+    """The hierarchical (layer-wise × element-wise) penalty of stage μ; `penalty()` is added to the loss.
+
+    importance: an Importance or the path of an importance file (checked against `model`).
+    reference: ΔW^ν per module (mapping name -> tensor in the base weight's layout), or "current" for the
+        ΔW at construction; default: the importance file's references, else the ΔW at construction.
+    """
+
+    def __init__(self, model: nn.Module, importance: Importance | str | Path, reference=None, phi: float = 1e-3,
+                 layer_weighting: str = "softmax", layer_scale=1e-8, layer_group: str = "module"):
+        super().__init__()
+        if layer_weighting not in WEIGHTINGS:
+            raise ValueError(f"layer_weighting must be one of {', '.join(WEIGHTINGS)}; got {layer_weighting!r}")
+        if layer_group not in GROUPS:
+            raise ValueError(f"layer_group must be one of {', '.join(GROUPS)}; got {layer_group!r}")
+        phi = float(phi)
+        if not math.isfinite(phi) or phi < 0:
+            raise ValueError(f"phi must be a finite number >= 0, got {phi!r}")
+        if not isinstance(importance, Importance):
+            importance = Importance.load(importance)
+        importance.check_against(model)
+        self.phi = phi
+        self.layer_weighting, self.layer_group = layer_weighting, layer_group
+        self.layer_scale = _parse_layer_scale(layer_scale)
+        self.importance_metadata = dict(importance.metadata)
+        refs = lora_modules(model)
+        object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
+
+        if reference is None:
+            reference = importance.reference if importance.reference else "current"
+        if isinstance(reference, Importance):
+            reference = reference.reference
+        if isinstance(reference, str):
+            if reference != "current":
+                raise ValueError(f"reference must be a mapping, an Importance, 'current' or None; got {reference!r}")
+            reference = None
+        elif not isinstance(reference, Mapping):
+            raise ValueError("reference must be a mapping, an Importance, 'current' or None; "
+                             f"got {type(reference).__name__}")
+
+        with torch.no_grad():
+            current = None
+            if reference is None:
+                current = {}
+                for idx in group_modules(refs):
+                    rs = [refs[i] for i in idx]
+                    B = stacked([r.B for r in rs], torch.float32)
+                    A = stacked([r.A for r in rs], torch.float32)
+                    dw = batched_delta_w(B, A, self._scales(rs))
+                    current.update({r.name: dw[k] for k, r in enumerate(rs)})
+            else:
+                for r in refs:
+                    if r.name not in reference:
+                        raise ValueError(f"reference has no tensor for module {r.name}")
+                    want = tuple(r.base_weight.shape)
+                    if tuple(reference[r.name].shape) != want:
+                        have = tuple(reference[r.name].shape)
+                        raise ValueError(f"reference for module {r.name}: shape {have} != {want}")
+            self._groups: list[list[int]] = group_modules(refs)
+            for gi, idx in enumerate(self._groups):
+                rs = [refs[i] for i in idx]
+                dev = rs[0].A.device
+                # to_weight_layout is its own inverse: base layout -> out x in
+                om = torch.stack([to_weight_layout(r, importance.omega[r.name]).to(device=dev, dtype=torch.float32)
+                                  for r in rs])
+                if current is not None:
+                    ref = torch.stack([current[r.name] for r in rs])
+                else:
+                    ref = torch.stack([to_weight_layout(r, reference[r.name].detach()).to(dev, torch.float32)
+                                       for r in rs])
+                self.register_buffer(f"omega_{gi}", om, persistent=False)
+                self.register_buffer(f"ref_{gi}", ref, persistent=False)
+                self.register_buffer(f"scale_{gi}", self._scales(rs), persistent=False)
+        self._weights = self._compute_weights(importance)
+        for gi, idx in enumerate(self._groups):
+            w = torch.tensor([self._weights[i] for i in idx], dtype=torch.float32, device=refs[idx[0]].A.device)
+            w = w.view(-1, 1, 1)
+            self.register_buffer(f"weight_{gi}", w, persistent=False)
+
+    @staticmethod
+    def _scales(rs) -> torch.Tensor:
+        return torch.tensor([r.scale for r in rs], dtype=torch.float32, device=rs[0].A.device).view(-1, 1, 1)
+
+    # ------------------------------------------------------------------ layer weights
+
+    def _compute_weights(self, importance: Importance) -> list[float]:
+        refs = self._refs
+        blocks = [r.block for r in refs]
+        if self.layer_weighting == "uniform":
+            L = len(set(blocks))  # number of transformer blocks holding LoRA modules
+            return [1.0 / L] * len(refs)
+        norms_m = importance.layer_norms("module")
+        if self.layer_group == "module":
+            keys = [r.name for r in refs]
+            norms = [norms_m[k] for k in keys]
+            idx = list(range(len(refs)))
+        else:
+            bn = importance.layer_norms("block")
+            keys = sorted(set(blocks))
+            norms = [bn[b] for b in keys]
+            idx = [keys.index(b) for b in blocks]
+        t = torch.tensor(norms, dtype=torch.float64)
+        if self.layer_scale == "auto":
+            mean = float(t.mean())
+            scale = 1.0 / mean if mean > 0 else 0.0
+        else:
+            scale = self.layer_scale
+        w = torch.softmax(t * scale, dim=0).tolist()
+        return [w[j] for j in idx]
+
+    def layer_weights(self) -> dict[str, float]:
+        """w_l of every module (with layer_group="block", each module carries its block's weight)."""
+        return {r.name: w for r, w in zip(self._refs, self._weights)}
+
+    # ------------------------------------------------------------------ the penalty
+
+    def penalty(self) -> torch.Tensor:
+        """φ · Σ_l w_l · Σ_i Ω_{l,i} (ΔW_{l,i} − ΔW^ν_{l,i})², differentiable w.r.t. every A and B."""
+        total = None
+        for gi, idx in enumerate(self._groups):
+            rs = [self._refs[i] for i in idx]
+            term = _WeightedSquaredDrift.apply(
+                getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
+                getattr(self, f"ref_{gi}"), len(rs), *[r.A for r in rs], *[r.B for r in rs],
+            )
+            total = term if total is None else total + term.to(total.device)
+        return total * self.phi
+
+    def forward(self) -> torch.Tensor:
+        return self.penalty()
+
+    def callbacks(self) -> list:
+        return []
+
+    def extra_repr(self) -> str:
+        return (f"modules={len(self._refs)}, phi={self.phi}, layer_weighting={self.layer_weighting}, "
+                f"layer_scale={self.layer_scale}, layer_group={self.layer_group}")
+
+
+@register("hlora")
+def build(cfg: MethodConfig, ctx: StageContext) -> HLoRAPenalty:
+    if not ctx.importance_file:
+        raise ValueError("method 'hlora' needs importance_file: the importance.safetensors written by `hlora general`")
+    imp = Importance.load(ctx.importance_file)
+    imp.check_against(ctx.model)
+    return HLoRAPenalty(ctx.model, imp, phi=cfg.phi, layer_weighting=cfg.layer_weighting,
+                        layer_scale=cfg.layer_scale, layer_group=cfg.layer_group)
