@@ -115,10 +115,11 @@ class Importance:
 
     # ------------------------------------------------------------------ file I/O
 
-    def save(self, path: str | Path, dtype=None) -> Path:
+    def save(self, path: str | Path, dtype=None, reference: bool = True) -> Path:
         """Write the safetensors file atomically. `dtype`: on-disk dtype of Ω (float32 | float16 | bfloat16);
         default keeps Ω's dtype. References are always stored in fp32 (a half-precision ΔW^ν would make the
-        penalty non-zero at the ν solution)."""
+        penalty non-zero at the ν solution). `reference=False` leaves them out: ΔW^ν is then the adapter the
+        domain stage starts from, and the file is half the size."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -142,7 +143,7 @@ class Importance:
                     scales[n] = scale
             tensors[n] = x.to(dt).contiguous()
             stored = dt if stored is None or stored == dt else "mixed"
-        for n, r in self.reference.items():
+        for n, r in (self.reference.items() if reference else ()):
             tensors[n + REFERENCE_SUFFIX] = r.detach().to("cpu", torch.float32).contiguous()
         meta = dict(self.metadata)
         meta["format"], meta["version"] = FORMAT, FORMAT_VERSION

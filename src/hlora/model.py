@@ -44,7 +44,7 @@ def load_model(cfg: ModelConfig | str, seed: int = 0):
 
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
-    key = (cfg.name, cfg.dtype, cfg.device, seed if cfg.name.startswith("tiny-") else 0)
+    key = (cfg.name, cfg.dtype, cfg.device)
     if key not in _CACHE:
         _CACHE.clear()  # keep one base model at most
         _CACHE[key] = _load_model(cfg, seed)
@@ -61,7 +61,7 @@ def _load_model(cfg: ModelConfig, seed: int):
         if src.kind == "tiny":
             from .testing import tiny_model
 
-            model = tiny_model(src.path, seed=seed).to(dtype)
+            model = tiny_model(src.path, seed=0).to(dtype)  # the "pretrained" model never depends on the run's seed
         elif src.kind == "gguf":
             model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
         else:

@@ -114,6 +114,22 @@ def base_model_hash(model: nn.Module) -> str:
     return model_fingerprint(model)
 
 
+def _timed(fn):
+    """Add the wall time of a recorder method to `self.seconds` (the recording cost reported by experiments)."""
+    import functools
+    import time
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+    return wrapper
+
+
 class SIRecorder:
     """Records SI importance of every element of every LoRA module's ΔW while the adapter trains.
 
@@ -145,6 +161,7 @@ class SIRecorder:
         self.model = model
         self.xi, self.clamp, self.grad = float(xi), clamp, grad
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.seconds = 0.0  # wall time spent inside the recorder (its cost on top of training)
         self.steps = 0  # optimizer steps recorded in total
         self.steps_since = 0  # ... since the last consolidation
         self.consolidations = 0
@@ -243,6 +260,7 @@ class SIRecorder:
         return float(grp["lr"])
 
     @torch.no_grad()
+    @_timed
     def before_step(self, optimizer) -> None:
         """Read what the coming optimizer step uses: gradients of A and B (paper mode), the learning rate η of
         lora_A's param group, and the pre-step factors A, B. Call after clipping, before optimizer.step()."""
@@ -275,6 +293,7 @@ class SIRecorder:
         return out.baddbmm_(g.B * g.scale, g.gA)
 
     @torch.no_grad()
+    @_timed
     def after_step(self) -> None:
         """ω += −g̃ ⊙ δ for every module, δ = ΔW(t+1) − ΔW(t) from the parameters the optimizer just wrote."""
         if not self._pending:
@@ -329,6 +348,7 @@ class SIRecorder:
     # ------------------------------------------------------------------ consolidation
 
     @torch.no_grad()
+    @_timed
     def consolidate(self, metadata: dict | None = None) -> Importance:
         """Ω += ω / (Δ² + ξ) with Δ the change of ΔW since the stage start / last consolidation; ω ← 0;
         the reference ΔW^ν becomes the current ΔW. Returns a snapshot (CPU) of Ω so far."""

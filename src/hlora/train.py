@@ -248,9 +248,11 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
             "targets": ",".join(cfg.lora.targets), "r": str(cfg.lora.r), "alpha": str(cfg.lora.alpha),
             "rslora": str(cfg.lora.rslora), "xi": str(cfg.importance.xi), "clamp": cfg.importance.clamp,
             "grad": cfg.importance.grad, "steps": str(summary["steps"]), "tokens": str(summary["tokens"]),
-            "data": json.dumps(ds.description), "seconds": f"{train_seconds:.3f}",
+            "data": json.dumps(ds.description), "seconds": f"{recorder.seconds:.4f}",
+            "train_seconds": f"{train_seconds:.3f}",
         })
-        imp.save(out / "importance.safetensors", dtype=cfg.importance.dtype)
+        # ΔW^ν is the adapter saved beside it (the domain stage starts from it): not stored twice.
+        imp.save(out / "importance.safetensors", dtype=cfg.importance.dtype, reference=False)
     write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: checkpoints are no longer needed
     write_text(out / "DONE", "")
