@@ -1,0 +1,102 @@
+"""The CLI as a user runs it: help, a two-step tiny pipeline, eval output, and clean failures."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hlora.cli import build_parser, main
+
+SUBCOMMANDS = ["general", "domain", "eval", "run", "report", "inspect", "bench", "demo"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: hlora " + cmd in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    r = subprocess.run([sys.executable, "-m", "hlora.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "general" in r.stdout and "demo" in r.stdout
+
+
+TINY = ["--model", "tiny-llama", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--r", "4"]
+
+
+def test_general_domain_eval_inspect_pipeline(tmp_path, embedded_data, capsys):
+    nu, mu = tmp_path / "nu", tmp_path / "mu"
+    assert main(["general", *TINY, f"out={nu}"]) == 0
+    assert main(["domain", *TINY, "--data", "sciq", "--method", "hlora", "--phi", "10",
+                 "--init-adapter", str(nu / "adapter"), "--importance", str(nu / "importance.safetensors"),
+                 f"out={mu}"]) == 0
+    assert (mu / "DONE").exists()
+    log = [json.loads(l) for l in (mu / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["penalty"] > 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "tiny-llama", "--adapter", str(mu / "adapter"), "--tasks", "sciq,wikitext",
+                 "--limit", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tasks"]["sciq"]["n"] == 3 and len(res["tasks"]["sciq"]["per_item"]["acc"]) == 3
+    assert res["tasks"]["wikitext"]["token_ppl"] > 1
+    printed = capsys.readouterr().out
+    assert "| sciq | acc |" in printed and "bits_per_byte" in printed
+    assert main(["inspect", str(nu / "importance.safetensors"), "--out", str(tmp_path / "ins")]) == 0
+    assert (tmp_path / "ins" / "importance_heatmap.png").exists()
+
+
+def _bad_mcq(tmp_path, text):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(text)
+    return f"mcq:{f}"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--tasks", "sqiq"], "did you mean 'sciq'"),
+        (["--tasks", "mcq:/nonexistent/x.jsonl"], "not found"),
+        (["--tasks", "BAD_MALFORMED"], "bad.jsonl:2: malformed JSON"),
+        (["--tasks", "BAD_FIELD"], "bad.jsonl:1: missing field"),
+        (["--tasks", "BAD_RANGE"], "answer index 5 out of range"),
+        (["--tasks", "BAD_CHOICES"], "field 'choices' must be list"),
+        (["--tasks", "BAD_EMPTY"], "empty data set"),
+        (["--model", "./no/such/model", "--tasks", "sciq"], "model path does not exist"),
+        (["--model", "tiny-llama", "--adapter", "/nonexistent/adapter", "--tasks", "sciq"], "adapter_config.json"),
+    ],
+)
+def test_eval_bad_input_clear_error_no_output(tmp_path, embedded_data, capsys, args, needle):
+    bad = {
+        "BAD_MALFORMED": '{"question": "q", "choices": ["a", "b"], "answer": 0}\n{oops\n',
+        "BAD_FIELD": '{"choices": ["a", "b"], "answer": 0}\n',
+        "BAD_RANGE": '{"question": "q", "choices": ["a", "b"], "answer": 5}\n',
+        "BAD_CHOICES": '{"question": "q", "choices": "ab", "answer": 0}\n',
+        "BAD_EMPTY": "\n\n",
+    }
+    args = [_bad_mcq(tmp_path, bad[a]) if a in bad else a for a in args]
+    if "--model" not in args:
+        args = ["--model", "tiny-llama", *args]
+    out = tmp_path / "eval.json"
+    assert main(["eval", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") <= 2, err
+    assert not out.exists() and not list(tmp_path.glob(".eval.json*"))
+
+
+def test_training_bad_input_leaves_nothing(tmp_path, embedded_data, capsys):
+    out = tmp_path / "run"
+    assert main(["general", *TINY, "--data", "mcq:/nonexistent.jsonl", f"out={out}"]) == 2
+    assert "not found" in capsys.readouterr().err and not out.exists()
+    assert main(["general", *TINY, "--targets", "nope_proj", f"out={out}"]) == 2
+    assert "nope_proj" in capsys.readouterr().err and not out.exists()
+    assert main(["general", *TINY, "train.lrr=1", f"out={out}"]) == 2
+    assert "unknown key" in capsys.readouterr().err and not out.exists()
+    # importance of another model: the error names the module and both shapes
+    nu = tmp_path / "nu"
+    assert main(["general", *TINY, f"out={nu}"]) == 0
+    assert main(["domain", *TINY, "--model", "tiny-gpt2", "--targets", "c_attn", "--data", "sciq", "--method", "hlora",
+                 "--importance", str(nu / "importance.safetensors"), f"out={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "module" in err and not out.exists(), err
