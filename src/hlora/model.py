@@ -64,6 +64,7 @@ def _load_model(cfg: ModelConfig, seed: int):
             model = tiny_model(src.path, seed=0).to(dtype)  # the "pretrained" model never depends on the run's seed
         elif src.kind == "gguf":
             model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=dtype)
+            _forget_gguf_quantization(model)
         else:
             model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype)
         tok = load_tokenizer(src)
@@ -77,6 +78,15 @@ def _load_model(cfg: ModelConfig, seed: int):
     model.to(pick_device(cfg.device))
     model.eval()
     return model, tok, src
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A GGUF is dequantised on load (real fp32/bf16 weights), but transformers still tags the model as
+    GGUF-quantized, and Trainer refuses to train such a model. The tag no longer describes the weights."""
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def model_fingerprint(model: nn.Module, src: ModelSource | None = None) -> str:
