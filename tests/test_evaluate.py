@@ -1,0 +1,323 @@
+"""hlora.evaluate on tiny random models: log-likelihoods equal a hand computation from one unpadded
+forward pass, the shared-context (KV cache) path equals the full path, acc_norm divides by
+characters, perplexity windows predict every token once, and PEFT adapters are honoured."""
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hlora.data.base import MCQItem
+from hlora.testing import TINY_TARGETS, tiny_model, tiny_tokenizer
+
+# The module, never the `hlora.evaluate` function that the package exports under the same name.
+ev = importlib.import_module("hlora.evaluate")
+
+ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
+TOL = 1e-5
+
+# Mixed lengths; a context shared by three continuations (of 1, 2 and several tokens); unshared
+# contexts; a context with trailing whitespace; the empty context.
+REQUESTS = [
+    ("The cell is the basic unit", " of life."),
+    ("Question: What gas do plants absorb? Answer:", " carbon dioxide"),
+    ("The cell is the basic unit", " x"),
+    ("Heat makes metal ", "expand."),
+    ("", "Water boils at one hundred degrees."),
+    ("To open a jar,", " twist the lid. Heat makes metal expand. The mitochondria make energy."),
+    ("The cell is the basic unit", " of energy in the mitochondria"),
+    ("Mercury Venus  ", " Earth"),
+    ("1", " 2"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return tiny_model(request.param)
+
+
+def lm_eval_tokens(tok, context, continuation):
+    """lm-eval's encoding written out independently of hlora.evaluate."""
+    if context == "":
+        return [tok.eos_token_id if tok.bos_token_id is None else tok.bos_token_id], tok.encode(continuation)
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def hand_ll(model, ctx, cont):
+    """log P(cont | ctx) and is_greedy from one unpadded forward of ctx + cont."""
+    logits = model(torch.tensor([ctx + cont])).logits[0].float()
+    lp = F.log_softmax(logits, dim=-1)
+    pos = range(len(ctx) - 1, len(ctx) + len(cont) - 1)
+    ll = sum(lp[p, t].item() for p, t in zip(pos, cont))
+    greedy = all(lp[p].argmax().item() == t for p, t in zip(pos, cont))
+    return ll, greedy
+
+
+def test_encoding_follows_lm_eval(tok):
+    enc = ev.encode_requests(tok, REQUESTS)
+    for (c, x), got in zip(REQUESTS, enc):
+        assert got == lm_eval_tokens(tok, c, x)
+    ctx, cont = enc[3]  # trailing space moved to the continuation
+    assert tok.decode(ctx) == "Heat makes metal" and tok.decode(cont) == " expand."
+    assert enc[4][0] == [tok.bos_token_id]  # empty context -> the prefix token
+    assert enc[0][0] == enc[2][0] == enc[6][0]  # shared context, same tokens
+
+
+def test_encoding_with_a_bos_adding_tokenizer():
+    """lm-eval 0.4.13 keeps the tokenizer's own special-token default (add_bos_token=None) but never
+    doubles a BOS that the text already starts with; add_special_tokens=False drops it."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.bos_token_id)]
+    )
+    bos = tok.bos_token_id
+    body = tok.encode("Heat makes", add_special_tokens=False)
+    (ctx, cont), (ctx2, cont2), (ctx3, _) = ev.encode_requests(
+        tok, [("Heat makes", " metal"), ("<|endoftext|>Heat makes", " metal"), ("", " metal")]
+    )
+    assert ctx == ctx2 == [bos] + body and cont == cont2 and bos not in cont
+    assert ctx3 == [bos]
+    (ctx4, cont4), = ev.encode_requests(tok, [("Heat makes", " metal")], add_special_tokens=False)
+    assert ctx4 == body and cont4 == cont
+    model = tiny_model("tiny-llama")
+    (ll, _), = ev.loglikelihood(model, tok, [("Heat makes", " metal")], progress=False)
+    assert ll == pytest.approx(hand_ll(model, ctx, cont)[0], abs=TOL)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_loglikelihood_matches_hand_computation(model, tok, batch_size):
+    hand = [hand_ll(model, *lm_eval_tokens(tok, c, x)) for c, x in REQUESTS]
+    fast = ev.loglikelihood(model, tok, REQUESTS, batch_size=batch_size, progress=False)
+    full = ev.loglikelihood_full(model, tok, REQUESTS, batch_size=batch_size, progress=False)
+    for (h, hg), (a, ag), (b, bg) in zip(hand, fast, full):
+        assert a == pytest.approx(h, abs=TOL)
+        assert b == pytest.approx(h, abs=TOL)
+        assert a == pytest.approx(b, abs=TOL)  # cached shared-context path == full path
+        assert ag == hg == bg
+
+
+def test_greedy_flag_true_for_argmax_continuation(model, tok):
+    ctx = tok.encode("The cell is")
+    with torch.no_grad():
+        nxt = model(torch.tensor([ctx])).logits[0, -1].argmax().item()
+    cont_text = tok.decode([nxt])
+    if tok.encode("The cell is" + cont_text)[len(ctx):] != [nxt]:
+        pytest.skip("argmax token does not round-trip through the tokenizer")
+    (ll, greedy), = ev.loglikelihood(model, tok, [("The cell is", cont_text)], progress=False)
+    assert greedy
+
+
+def test_each_shared_context_runs_once(model, tok):
+    calls = []
+
+    def hook(_module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        calls.append((ids.shape, kwargs.get("past_key_values") is not None, bool((mask == 0).any())))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        ev.loglikelihood(model, tok, REQUESTS, batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    contexts = {tuple(c) for c, _ in ev.encode_requests(tok, REQUESTS)}
+    ctx_calls = [c for c in calls if not c[1]]
+    assert sum(shape[0] for shape, _, _ in ctx_calls) == len(contexts) < len(REQUESTS)
+    assert any(padded for _, _, padded in ctx_calls)  # left padding was exercised
+    assert any(past for _, past, _ in calls)  # continuations ran on the cache
+
+
+def test_order_independent_of_batching(model, tok):
+    a = ev.loglikelihood(model, tok, REQUESTS, batch_size=2, progress=False)
+    b = ev.loglikelihood(model, tok, REQUESTS[::-1], batch_size=5, progress=False)[::-1]
+    for (x, _), (y, _) in zip(a, b):
+        assert x == pytest.approx(y, abs=TOL)
+
+
+def test_truncation_falls_back_to_lm_eval_window(model, tok):
+    L = 8
+    reqs = [("The cell is the basic unit of life. Water boils", " at one hundred degrees."), ("1 2", " 3")]
+    got = ev.loglikelihood(model, tok, reqs, max_length=L, progress=False)
+    ref = ev.loglikelihood_full(model, tok, reqs, max_length=L, progress=False)
+    ctx, cont = lm_eval_tokens(tok, *reqs[0])
+    assert len(ctx) + len(cont) > L + 1
+    window = (ctx + cont)[-(L + 1):]
+    n_cont = min(len(cont), L)
+    hand = hand_ll(model, window[:-n_cont], window[-n_cont:])
+    assert got[0][0] == pytest.approx(hand[0], abs=TOL)
+    assert ref[0][0] == pytest.approx(hand[0], abs=TOL)
+    assert got[1][0] == pytest.approx(hand_ll(model, *lm_eval_tokens(tok, *reqs[1]))[0], abs=TOL)
+
+
+def test_acc_norm_divides_by_characters(tok):
+    model = tiny_model("tiny-llama")
+    context = "Question: What gas do plants absorb?\nAnswer:"
+    choices = ("x", "carbon dioxide and water")  # short choice wins on total, long one per character
+    lls = [hand_ll(model, *lm_eval_tokens(tok, context, " " + ch))[0] for ch in choices]
+    assert lls[0] > lls[1] and lls[0] / 1 < lls[1] / len(choices[1])  # the item is meaningful
+    items = [
+        MCQItem("a", context, choices, gold=1),
+        MCQItem("b", context, choices, gold=0),
+    ]
+    r = ev.evaluate_mcq(model, tok, items, batch_size=2, progress=False)
+    p = r["per_item"]
+    assert p["acc"] == [0, 1] and p["acc_norm"] == [1, 0]
+    assert p["pred"] == [0, 0] and p["pred_norm"] == [1, 1]
+    assert r["acc"] == 0.5 and r["acc_norm"] == 0.5 and r["n"] == 2
+    assert p["id"] == ["a", "b"] and p["ll_gold"] == [p["ll"][0][1], p["ll"][1][0]]
+    for got, want in zip(p["ll"][0], lls):
+        assert got == pytest.approx(want, abs=TOL)
+
+
+def test_ties_pick_first_index():
+    assert ev._argmax([1.0, 3.0, 3.0, 2.0]) == 1
+    assert ev._argmax([-1.0, -1.0]) == 0
+
+
+def hand_perplexity(model, tok, texts, window):
+    prefix = tok.bos_token_id
+    nll, n = 0.0, 0
+    for text in texts:
+        toks = tok.encode(text)
+        for s in range(0, len(toks), window):
+            tgt = toks[s:s + window]
+            inp = [toks[s - 1] if s else prefix] + tgt[:-1]
+            with torch.no_grad():
+                lp = F.log_softmax(model(torch.tensor([inp])).logits[0].float(), -1)
+            nll -= sum(lp[i, t].item() for i, t in enumerate(tgt))
+            n += len(tgt)
+    return nll, n
+
+
+def test_perplexity_windows_cover_every_token_once(model, tok):
+    texts = [
+        "The cell is the basic unit of life. Water boils at one hundred degrees.",
+        "Heat makes metal expand.",
+        "x",
+        "Photosynthesis converts light energy into chemical energy. " * 3,
+    ]
+    r = ev.perplexity(model, tok, texts, window=5, batch_size=3, progress=False)
+    counts = [len(tok.encode(t)) for t in texts]
+    assert r["per_item"]["n_tokens"] == counts
+    assert r["n_tokens"] == sum(counts)
+    assert r["n_words"] == sum(len(t.split()) for t in texts)
+    assert r["n_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    nll, n = hand_perplexity(model, tok, texts, window=5)
+    assert n == r["n_tokens"]
+    assert r["nll"] == pytest.approx(nll, abs=1e-4)
+    assert r["token_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert r["word_ppl"] == pytest.approx(math.exp(nll / r["n_words"]), rel=1e-5)
+    assert r["bits_per_byte"] == pytest.approx(nll / r["n_bytes"] / math.log(2), rel=1e-5)
+
+
+def test_perplexity_tiny_doc_windows_of_5(tok):
+    model = tiny_model("tiny-llama")
+    doc = "The cell is the basic unit of life."
+    toks = tok.encode(doc)
+    assert len(toks) > 5 and len(toks) % 5  # several windows, the last one partial
+    nll, n = hand_perplexity(model, tok, [doc], window=5)
+    r = ev.perplexity(model, tok, [doc], window=5, progress=False)
+    assert r["n_tokens"] == n == len(toks)
+    assert r["token_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    # a window as long as the document: one forward from the prefix token
+    r1 = ev.perplexity(model, tok, [doc], window=512, progress=False)
+    nll1, _ = hand_perplexity(model, tok, [doc], window=512)
+    assert r1["nll"] == pytest.approx(nll1, abs=1e-4)
+
+
+def test_perplexity_max_tokens(tok):
+    model = tiny_model("tiny-gpt2")
+    texts = ["The cell is the basic unit of life.", "Heat makes metal expand.", "Water boils."]
+    first = len(tok.encode(texts[0]))
+    r = ev.perplexity(model, tok, texts, window=4, max_tokens=first + 2, progress=False)
+    assert r["n_tokens"] == first + 2 and r["n_docs"] == 2
+    assert r["per_item"]["n_tokens"] == [first, 2]
+
+
+def _peft(model, arch, seed=1):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TINY_TARGETS[arch], init_lora_weights=False,
+        fan_in_fan_out=arch == "tiny-gpt2", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_adapter_is_used_and_equals_merged(arch, tok):
+    base = tiny_model(arch)
+    base_ll = ev.loglikelihood(base, tok, REQUESTS, batch_size=3, progress=False)
+    peft_model = _peft(copy.deepcopy(base), arch)
+    peft_model.train()  # evaluation must switch dropout off and restore the mode afterwards
+    got = ev.loglikelihood(peft_model, tok, REQUESTS, batch_size=3, progress=False)
+    assert peft_model.training and all(m.training for m in peft_model.modules())
+    full = ev.loglikelihood_full(peft_model, tok, REQUESTS, batch_size=3, progress=False)
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, base_ll)) > 1e-3
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    want = ev.loglikelihood(merged, tok, REQUESTS, batch_size=3, progress=False)
+    for (a, _), (b, _), (c, _) in zip(got, want, full):
+        assert a == pytest.approx(b, abs=1e-4)
+        assert a == pytest.approx(c, abs=TOL)
+
+
+def test_restores_mixed_train_eval_flags(tok):
+    model = tiny_model("tiny-gpt-neox")
+    model.train()
+    model.gpt_neox.layers[0].eval()
+    ev.loglikelihood(model, tok, REQUESTS[:2], progress=False)
+    assert model.training and not model.gpt_neox.layers[0].training and model.gpt_neox.layers[1].training
+
+
+class _Task:
+    def __init__(self, name, kind, items=(), texts=()):
+        self.name, self.kind, self._items, self._texts = name, kind, list(items), list(texts)
+
+    def eval_items(self, limit=0):
+        return self._items[:limit] if limit else self._items
+
+    def eval_texts(self):
+        return self._texts
+
+    def describe(self):
+        return {"name": self.name, "source": "test"}
+
+
+def test_evaluate_tasks(tok, capfd):
+    model = tiny_model("tiny-llama")
+    items = [
+        MCQItem(f"q{i}", f"Question: {q}\nAnswer:", ("energy", "carbon dioxide", "water"), gold=i % 3)
+        for i, q in enumerate(["What gas do plants absorb?", "What do mitochondria make?", "What boils?"])
+    ]
+    tasks = [
+        _Task("mcq-toy", "mcq", items=items),
+        _Task("text-toy", "text", texts=["The cell is the basic unit of life.", "Heat makes metal expand."]),
+    ]
+    out = ev.evaluate(model, tok, tasks, limit=2, batch_size=2, ppl_window=4, progress=False)
+    m, t = out["tasks"]["mcq-toy"], out["tasks"]["text-toy"]
+    assert m["n"] == 2 and len(m["per_item"]["acc"]) == 2 and m["data"] == {"name": "mcq-toy", "source": "test"}
+    assert 0 <= m["acc"] <= 1 and m["seconds"] >= 0
+    assert t["n"] == 2 and t["n_tokens"] > 0 and t["token_ppl"] > 1 and t["seconds"] >= 0
+    direct = ev.evaluate_mcq(model, tok, items[:2], progress=False)
+    for got, want in zip(m["per_item"]["ll"], direct["per_item"]["ll"]):
+        assert got == pytest.approx(want, abs=TOL)
+    assert "loglikelihood" not in capfd.readouterr().err  # no progress bar when progress=False
+    with pytest.raises(ValueError, match="unknown kind"):
+        ev.evaluate(model, tok, [SimpleNamespace(name="bad", kind="audio")], progress=False)
