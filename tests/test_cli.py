@@ -100,3 +100,12 @@ def test_training_bad_input_leaves_nothing(tmp_path, embedded_data, capsys):
                  "--importance", str(nu / "importance.safetensors"), f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert "module" in err and not out.exists(), err
+
+
+def test_public_names_importable():
+    import hlora
+    import hlora.evaluate  # noqa: F401  (the submodule must not shadow the function)
+    from hlora import HLoRACallback, HLoRAPenalty, Importance, SIRecorder, evaluate
+
+    assert callable(evaluate) and callable(hlora.evaluate) and not isinstance(hlora.evaluate, type(hlora))
+    assert all(callable(x) for x in (HLoRACallback, HLoRAPenalty, Importance, SIRecorder))

@@ -8,7 +8,7 @@ _EXPORTS = {
     "SIRecorder": "si", "HLoRACallback": "si", "Importance": "importance",
     "HLoRAPenalty": "methods.hlora", "EWCPenalty": "methods.ewc", "fisher_diagonal": "methods.ewc",
     "PenaltyTrainer": "train", "PenaltyMixin": "train", "run_stage": "train",
-    "evaluate": "evaluate", "loglikelihood": "evaluate", "perplexity": "evaluate",
+    "loglikelihood": "evaluate", "perplexity": "evaluate",
     "get_task": "data", "load_model": "model", "attach_lora": "model",
 }
 __all__ = list(_EXPORTS)
@@ -20,3 +20,10 @@ def __getattr__(name):
 
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'hlora' has no attribute {name!r}")
+
+
+# `evaluate` is both a submodule and the public function (DESIGN section 4): bind the function eagerly,
+# otherwise importing the submodule would shadow it with the module.
+from .evaluate import evaluate  # noqa: E402
+
+__all__.append("evaluate")
