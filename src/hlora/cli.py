@@ -125,7 +125,9 @@ def cmd_report(args):
 
     out = args.out or str(Path(args.results).parent / "report")
     written = write_report(args.results, out)
-    print(f"wrote {len(written)} files to {out}")
+    print(f"wrote {len(written['files'])} files to {out}")
+    for png, why in written.get("skipped", {}).items():
+        print(f"  skipped {png}: {why}")
 
 
 def cmd_inspect(args):

@@ -1151,7 +1151,7 @@ def plot_acc_vs_ppl(records: Iterable[dict], out_png: str | Path) -> Path | None
         axes[k // ncols, k % ncols].set_visible(False)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 5),
                frameon=False)  # fmt: skip
-    fig.suptitle("Domain accuracy vs general perplexity (up-left is better: higher accuracy, less forgetting)")
+    fig.suptitle("Accuracy vs general perplexity\n(up-left is better: higher accuracy, less forgetting)")
     return _save_png(fig, out_png)
 
 
