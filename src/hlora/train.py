@@ -97,7 +97,7 @@ class JsonlLogger(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         # On resume, drop lines of steps after the checkpoint: they are recomputed.
-        if self.path.exists():
+        if state.is_world_process_zero and self.path.exists():
             keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= state.global_step]
             write_text(self.path, "".join(l + "\n" for l in keep))
         self.stats.reset()
@@ -177,11 +177,17 @@ def _general_batches(cfg: RunConfig, tokenizer):
     return make
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks: list | None = None) -> Path:
     """Run stage `general` (ν) or `domain` (μ) into cfg.out; returns the run directory."""
     if stage not in ("general", "domain"):
         raise ValueError(f"stage must be 'general' or 'domain', got {stage!r}")
     out = Path(cfg.out)
+    if _rank() != 0:  # under torchrun only rank 0 owns the run directory; the others train alongside
+        return _run(cfg, stage, out, resume, extra_callbacks or [])
     fresh = prepare_run_dir(out, resume, cfg)
     try:
         return _run(cfg, stage, out, resume, extra_callbacks or [])
@@ -196,7 +202,8 @@ def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks:
 def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: list) -> Path:
     from .si import HLoRACallback, SIRecorder
 
-    write_text(out / "config.yaml", dump_yaml(cfg))
+    if _rank() == 0:
+        write_text(out / "config.yaml", dump_yaml(cfg))
     model, tok, src = load_model(cfg.model, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     if cfg.init_adapter:
