@@ -109,3 +109,12 @@ def test_public_names_importable():
 
     assert callable(evaluate) and callable(hlora.evaluate) and not isinstance(hlora.evaluate, type(hlora))
     assert all(callable(x) for x in (HLoRACallback, HLoRAPenalty, Importance, SIRecorder))
+
+
+def test_bench_runs_and_reports_ratios(tmp_path, embedded_data, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-llama", "--steps", "5", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["training"]["step_seconds"]["lora"] > 0 and res["storage"]["full_fisher_bytes"] > 0
+    assert res["eval"]["max_abs_ll_diff"] < 1e-4
+    assert "SI recording overhead" in capsys.readouterr().out

@@ -114,7 +114,7 @@ def bench_storage(model_name: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for dt in ("float32", "float16"):
             p = Path(d) / f"imp-{dt}.safetensors"
-            imp.save(p, dtype=dt)
+            imp.save(p, dtype=dt, reference=False)  # as `hlora general` stores it
             out[f"importance_bytes_{dt}"] = p.stat().st_size
             out[f"ratio_{dt}"] = p.stat().st_size / out["full_fisher_bytes"]
     return out
