@@ -29,4 +29,4 @@ def test_smollm2_loads_scores_and_trains(embedded_data):
     ids = tok("The cell is the basic unit of life.", return_tensors="pt").input_ids
     loss = pm(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "lora_A" in n)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pm.named_parameters() if "lora_B" in n)  # B starts at 0, so only B gets a gradient
