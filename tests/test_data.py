@@ -5,7 +5,7 @@ import pytest
 from hlora.assets import AssetError
 from hlora.data import DataError, get_task
 from hlora.data.packing import pack
-from hlora.testing import tiny_tokenizer
+from hlora.tiny import tiny_tokenizer
 
 
 def test_sciq_template_matches_lm_eval(embedded_data):

@@ -1,4 +1,5 @@
-"""`hlora run configs/tiny.yaml` + `hlora report` end to end, and resuming a half-finished grid."""
+"""`hlora run configs/tiny.yaml` + `hlora report` end to end, resuming a half-finished grid, and a grid that
+resumes from committed records alone (a fresh machine with only the repository)."""
 import json
 import struct
 from pathlib import Path
@@ -6,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from hlora.cli import main
-from hlora.experiment import METHODS, ExperimentConfig, run_cell
+from hlora.config import ConfigError, load_config
+from hlora.experiment import ROWS, ExperimentConfig, plan, run_cell
 from hlora.report import ttest
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-FIGURES = ["loss_curves.png", "importance_heatmap.png", "phi_sweep.png", "violin_hlora_vs_ewc.png", "acc_vs_ppl.png"]
+FIGURES = ["loss_curves.png", "importance_heatmap.png", "sweeps.png", "violin_hlora_vs_ewc.png", "acc_vs_ppl.png",
+           "fronts_sciq.png", "fronts_piqa.png"]
 
 
 def png_size(p: Path) -> tuple[int, int]:
@@ -27,32 +30,53 @@ def tiny_run(tmp_path_factory):
 
 
 def test_grid_has_every_method_task_and_figure(tiny_run):
+    cfg = load_config(ExperimentConfig, CONFIG)
     results = json.loads((tiny_run / "results.json").read_text())
-    main_cells = [r for r in results if not r["sweep"]]
-    assert {r["method"] for r in main_cells} == set(METHODS)
+    assert [r["cell"] for r in results] == [c.name for c in plan(cfg)]  # config order
+    main_cells = [r for r in results if r["main"]]
+    assert {r["method"] for r in main_cells} == set(cfg.methods)
     assert {r["task"] for r in main_cells} == {"sciq", "piqa"}
     assert {r["seed"] for r in main_cells} == {0, 1}
-    assert len(main_cells) == len(METHODS) * 2 * 2
-    assert sorted(r["phi"] for r in results if r["sweep"]) == [0.01, 100.0]
-    required = {"method", "task", "seed", "general_ppl", "general_bpb", "acc", "acc_norm", "per_item",
-                "train_seconds", "importance_seconds", "importance_bytes", "config", "git_commit", "versions"}
+    assert len(main_cells) == len(cfg.methods) * 2 * 2
+    for r in main_cells:  # each row's label, written once with the row, travels with its records
+        assert r["label"] == ROWS[r["method"]].label
+    fronts = {(r["method"], r["sweep"]["param"]) for r in results if r["sweep"]}
+    assert {("hlora", "phi"), ("ewc_lora", "lam"), ("replay", "rho"), ("kl_general", "beta"), ("kl_domain", "beta"),
+            ("wise_lora_nu_mu", "alpha")} <= fronts
+    assert sorted(r["sweep"]["value"] for r in results
+                  if r["method"] == "hlora" and r["task"] == "sciq" and r["seed"] == 0) == [0.01, 1.0, 100.0]
+    required = {"method", "label", "task", "seed", "general_ppl", "general_bpb", "general_kl", "acc", "acc_norm",
+                "per_item", "transfer", "cost", "train_seconds", "importance_seconds", "importance_bytes", "config",
+                "git_commit", "versions"}
     for r in results:
         assert required <= set(r), required - set(r)
         assert len(r["per_item"]["acc"]) == 6
+        other = {"sciq": "piqa", "piqa": "sciq"}[r["task"]]
+        assert list(r["transfer"]) == [other] and r["transfer"][other]["n"] == 4  # cross-task retention
+        assert {"wall_seconds", "steps", "domain_tokens", "general_tokens", "extra_forward_tokens"} <= set(r["cost"])
     hl = next(r for r in main_cells if r["method"] == "hlora")
     assert hl["importance_kind"] == "si" and hl["importance_bytes"] > 0 and hl["layer_norms"]
     assert hl["curve"]["penalty"][-1] > 0
+    assert hl["cost"]["general_tokens"] == 4 * 2 * 32  # stage ν's text counts for the rows that start from it
     ewc = next(r for r in main_cells if r["method"] == "ewc_lora")
     assert ewc["importance_kind"] == "fisher" and ewc["full_fisher_bytes"] > ewc["importance_bytes"]
     base = next(r for r in main_cells if r["method"] == "base")
-    assert base["train_seconds"] == 0 and base["curve"] is None
+    assert base["train_seconds"] == 0 and base["curve"] is None and base["general_kl"] == 0.0
+    trained = [r for r in main_cells if r["method"] != "base"]
+    assert all(r["general_kl"] > 0 for r in trained)
+    replay = next(r for r in main_cells if r["method"] == "replay")
+    assert replay["cost"]["general_tokens"] == 4 * 1 * 32 and replay["cost"]["domain_tokens"] == 4 * 1 * 32
     # same ν stage and same data: LoRA(ν+μ) and the "-layer,element" ablation are the same configuration
     a = [r for r in main_cells if r["method"] == "lora_nu_mu" and r["task"] == "sciq" and r["seed"] == 0][0]
     b = [r for r in main_cells if r["method"] == "hlora_no_layer_element" and r["task"] == "sciq" and r["seed"] == 0][0]
     assert a["general_ppl"] == pytest.approx(b["general_ppl"], rel=1e-6)
+    # WiSE-FT evaluates LoRA(ν+μ)'s adapter: smaller α, closer to Base in KL
+    wise = sorted((r["sweep"]["value"], r["general_kl"]) for r in results
+                  if r["method"] == "wise_lora_nu_mu" and r["task"] == "sciq" and r["seed"] == 0)
+    assert [k for _, k in wise] == sorted(k for _, k in wise) and wise[0][1] < a["general_kl"]
     report = tiny_run / "report"
     tables = (report / "tables.md").read_text()
-    for label in ("Base", "LoRA(μ)", "LoRA(ν+μ)", "rsLoRA", "EWC-LoRA", "HLoRA", "SciQ", "PIQA"):
+    for label in ("Base", "LoRA(μ)", "LoRA(ν+μ)", "rsLoRA", "EWC-LoRA", "HLoRA", "Replay", "CorDA-KPM", "SciQ", "PIQA"):
         assert label in tables, label
     for f in FIGURES:
         w, h = png_size(report / f)
@@ -65,24 +89,44 @@ def test_report_command_rewrites_from_results_only(tiny_run, tmp_path):
         assert (tmp_path / "rep" / f).stat().st_size > 0, f
 
 
-def test_resume_recomputes_nothing_finished(tiny_run, monkeypatch):
-    """A second `hlora run` over a finished grid trains and evaluates nothing."""
+def _no_work(monkeypatch):
     import hlora.experiment as ex
 
     calls = []
     monkeypatch.setattr(ex, "_evaluate", lambda *a, **k: calls.append(a) or {})
     monkeypatch.setattr(ex, "_run_or_resume", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def test_resume_recomputes_nothing_finished(tiny_run, monkeypatch):
+    """A second `hlora run` over a finished grid trains and evaluates nothing."""
+    calls = _no_work(monkeypatch)
     assert main(["run", str(CONFIG), f"out={tiny_run}"]) == 0
     assert calls == []
+
+
+def test_committed_records_alone_resume_the_grid(tiny_run, tmp_path, monkeypatch):
+    """On a fresh machine the repository holds only the records: a new work directory finds them done."""
+    import shutil
+
+    records = tmp_path / "repo" / "results" / "tiny" / "records"
+    shutil.copytree(tiny_run / "records", records)
+    calls = _no_work(monkeypatch)
+    assert main(["run", str(CONFIG), f"out={tmp_path / 'fresh'}", f"records={records}"]) == 0
+    assert calls == []
+    assert (records.parent / "results.json").is_file() and (records.parent / "report" / "report.md").is_file()
+    # a record made with other settings is not silently taken as this config's result
+    with pytest.raises(ConfigError, match="other settings"):
+        run_cell(load_config(ExperimentConfig, CONFIG, ["domain.lr=0.5"]), plan(load_config(ExperimentConfig, CONFIG))[1],
+                 records)
 
 
 def test_interrupted_cell_continues(tmp_path, monkeypatch):
     """A cell whose stage-μ run was cut short is resumed, other finished cells are reused."""
     import hlora.experiment as ex
-    from hlora.config import load_config
 
     cfg = load_config(ExperimentConfig, CONFIG, [f"out={tmp_path}", "seeds=[0]", "tasks=[sciq]",
-                                                 "methods=[lora_mu]", "domain.save_steps=2"])
+                                                 "methods=[lora_mu]", "domain.save_steps=2", "per_task={}"])
     monkeypatch.setenv("HLORA_DATA", str(Path(ex.__file__).parent / "assets" / "data"))
     from transformers import TrainerCallback
 
@@ -94,13 +138,15 @@ def test_interrupted_cell_continues(tmp_path, monkeypatch):
     import hlora.train as tr
 
     real = tr.run_stage
+    (cell,) = plan(cfg)
     monkeypatch.setattr(tr, "run_stage", lambda *a, **k: real(*a, extra_callbacks=[Stop()], **k))
     with pytest.raises(KeyboardInterrupt):
-        run_cell(cfg, "lora_mu", "sciq", 0, None, tmp_path)
+        run_cell(cfg, cell, tmp_path / "records")
     run_dir = tmp_path / "cells" / "lora_mu-sciq-s0" / "run"
     assert (run_dir / "checkpoints" / "checkpoint-2").exists() and not (run_dir / "DONE").exists()
+    assert not (tmp_path / "records" / "lora_mu-sciq-s0.json").exists()
     monkeypatch.setattr(tr, "run_stage", real)
-    rec = run_cell(cfg, "lora_mu", "sciq", 0, None, tmp_path)
+    rec = run_cell(cfg, cell, tmp_path / "records")
     assert (run_dir / "DONE").exists() and rec["curve"]["step"] == [1, 2, 3, 4]
 
 

@@ -13,7 +13,7 @@ from hlora.importance import FORMAT_VERSION, Importance
 from hlora.lora import block_index, lora_modules
 from hlora.model import attach_lora
 from hlora.si import SIRecorder
-from hlora.testing import TINY_TARGETS, tiny_model
+from hlora.tiny import TINY_TARGETS, tiny_model
 
 ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
 

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-import hlora.si as si
+import hlora.lora as lora
 from hlora.config import LoraConfig
 from hlora.lora import delta_w, lora_modules
 from hlora.model import attach_lora
 from hlora.si import HLoRACallback, SIRecorder
-from hlora.testing import TINY_TARGETS, tiny_model
+from hlora.tiny import TINY_TARGETS, tiny_model
 
 ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
 
@@ -52,7 +52,7 @@ def rel(a, b) -> float:
 def grouping(request, monkeypatch):
     """Run a test with one module per group (the CPU default) and with equal shapes stacked (the GPU default)."""
     if request.param == "stacked":
-        monkeypatch.setattr(si, "CPU_CHUNK_ELEMENTS", si.CHUNK_ELEMENTS)
+        monkeypatch.setattr(lora, "CPU_CHUNK_ELEMENTS", lora.CHUNK_ELEMENTS)
     return request.param
 
 
@@ -437,3 +437,153 @@ def test_ddp_gives_same_importance_as_one_process(tmp_path):
         for n in want.names:
             assert want.omega[n].norm() > 0
             assert rel(got.omega[n].double(), want.omega[n]) < 1e-6, (grad, n)
+
+
+# ------------------------------------------------------------- the gradient Ω is built from (DESIGN section 2)
+
+
+def _reference_omega(model, ids, steps, clip, lr=1e-2, xi=1e-9):
+    """SI written out per module: g̃ from the gradient *before* clipping, δ the real change, clamp each step."""
+    opt = torch.optim.AdamW(lora_params(model), lr=lr)
+    refs = lora_modules(model)
+    start = {r.name: delta_w(r).detach().clone() for r in refs}
+    omega = {r.name: torch.zeros_like(start[r.name]) for r in refs}
+    for step in range(steps):
+        loss_of(model, ids[4 * step:4 * step + 4]).backward()
+        g = {r.name: (r.A.grad.clone(), r.B.grad.clone(), r.A.detach().clone(), r.B.detach().clone()) for r in refs}
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        before = {r.name: delta_w(r).detach().clone() for r in refs}
+        opt.step()
+        opt.zero_grad()
+        for r in refs:
+            gA, gB, A, B = g[r.name]
+            gt = r.scale * (gB @ A + B @ gA - lr * gB @ gA)
+            gt = gt.T if r.fan_in_fan_out else gt
+            omega[r.name] = (omega[r.name] - gt * (delta_w(r).detach() - before[r.name])).clamp(min=0)
+    return {n: omega[n] / ((delta_w(r).detach() - start[n]) ** 2 + xi) for r in refs for n in [r.name]}
+
+
+def _recorded(model, ids, steps, clip, unclipped):
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
+    rec = SIRecorder(model) if unclipped is None else SIRecorder(model, unclipped=unclipped)
+    for step in range(steps):
+        loss_of(model, ids[4 * step:4 * step + 4]).backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)  # the Trainer clips before its hooks
+        rec.before_step(opt)
+        opt.step()
+        rec.after_step()
+        opt.zero_grad()
+    return rec.consolidate().omega
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_omega_uses_the_gradient_before_clipping(arch):
+    """With clipping, the default recorder's Ω is the path integral of the task-loss gradient (clipping would
+    scale each step's ω by its clip factor); unclipped=False keeps the clipped reading; without clipping both
+    readings agree."""
+    ids = make_batch(make_model(arch), n=12, T=10, seed=3)
+    want = _reference_omega(make_model(arch), ids, 3, clip=0.01)
+    got = _recorded(make_model(arch), ids, 3, clip=0.01, unclipped=None)
+    clipped = _recorded(make_model(arch), ids, 3, clip=0.01, unclipped=False)
+    for n in want:
+        assert want[n].norm() > 0
+        assert rel(got[n], want[n]) < 1e-4, n
+        assert rel(clipped[n], want[n]) > 0.5, n  # the gradient norm here is far above 0.01
+    a = _recorded(make_model(arch), ids, 3, clip=0.0, unclipped=True)
+    b = _recorded(make_model(arch), ids, 3, clip=0.0, unclipped=False)
+    for n in a:
+        assert rel(a[n], b[n]) < 1e-6
+
+
+class _Scaler:
+    def __init__(self, scale):
+        self.scale = scale
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+
+class _ScaledOptimizer:
+    """Stands in for accelerate's optimizer wrapper under fp16: `.scaler` is the GradScaler of the step."""
+
+    def __init__(self, opt, scale):
+        self.opt, self.scaler = opt, _Scaler(scale)
+        self.param_groups = opt.param_groups
+
+    def step(self):
+        self.opt.step()
+
+
+@pytest.mark.parametrize("grad", ["paper", "exact"])
+def test_hook_read_gradients_are_unscaled_under_loss_scaling(grad):
+    """fp16 mixed precision scales the loss by S before backward: hook-read gradients are S times too large
+    until divided by the scaler's scale (the Trainer unscales .grad itself before the optimizer hooks)."""
+    ids = make_batch(make_model("tiny-llama"), n=8, T=10, seed=1)
+    out = {}
+    for scale in (1.0, 1024.0):
+        model = make_model("tiny-llama")
+        opt = torch.optim.SGD(lora_params(model), lr=0.05)
+        wrapped = _ScaledOptimizer(opt, scale)
+        rec = SIRecorder(model, grad=grad)
+        for step in range(2):
+            (loss_of(model, ids[4 * step:4 * step + 4]) * scale).backward()
+            for p in lora_params(model):
+                p.grad.div_(scale)  # what the Trainer's unscale does to .grad
+            rec.before_step(wrapped)
+            wrapped.step()
+            rec.after_step()
+            opt.zero_grad()
+        assert rec.last_grad_scale == scale
+        out[scale] = rec.consolidate().omega
+    for n in out[1.0]:
+        assert rel(out[1024.0][n], out[1.0][n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("grad", ["paper", "exact"])
+def test_recorder_time_includes_its_hooks(grad):
+    """The cost of recording is everything the recorder does, its backward hooks included."""
+    model = make_model("tiny-llama")
+    rec = SIRecorder(model, grad=grad)
+    t0 = rec.seconds
+    loss_of(model, make_batch(model, n=4, T=10)).backward()
+    assert rec.seconds > t0  # only the hooks have run so far
+
+
+def test_callback_checks_the_trainer_hook_order():
+    """A training loop that calls the hooks out of order (after zero_grad, or before the optimizer moved the
+    adapter) fails loudly instead of recording a wrong Ω."""
+    model = make_model("tiny-llama")
+    opt = torch.optim.AdamW(lora_params(model), lr=1e-2)
+    cb = HLoRACallback(SIRecorder(model))
+    with pytest.raises(RuntimeError, match="no LoRA gradient"):
+        cb.on_pre_optimizer_step(None, None, None, optimizer=opt)
+    loss_of(model, make_batch(model, n=4, T=10)).backward()
+    cb.on_pre_optimizer_step(None, None, None, optimizer=opt)
+    with pytest.raises(RuntimeError, match="before the optimizer moved"):
+        cb.on_optimizer_step(None, None, None)  # opt.step() never ran
+
+
+def test_recorder_state_follows_the_model_device():
+    """Built before a Trainer or DDP moves the model, the recorder moves its state with the adapter (the meta
+    device stands in for another GPU on a CPU machine)."""
+    model = make_model("tiny-llama")
+    rec = SIRecorder(model)
+    model.to("meta")
+    rec._follow_device()
+    assert all(t.device.type == "meta" for g in rec._groups for t in (g.omega, g.A0, g.B0, g.rawA, g.rawB, g.scale))
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    from hlora.model import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert pick_device("auto") == torch.device("cuda", 0)
+    assert pick_device("cpu") == torch.device("cpu")

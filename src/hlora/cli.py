@@ -12,11 +12,13 @@ from pathlib import Path
 RUN_FLAGS = {
     "--model": "model.name", "--data": "data", "--general-data": "general_data", "--out": "out",
     "--init-adapter": "init_adapter", "--importance": "importance_file",
+    # the method first: its fields below are checked against the config class it selects
     "--method": "method.name", "--phi": "method.phi", "--layer-weighting": "method.layer_weighting",
-    "--layer-scale": "method.layer_scale", "--layer-group": "method.layer_group", "--lam": "method.lam",
-    "--fisher": "method.fisher",
-    "--xi": "importance.xi", "--clamp": "importance.clamp", "--grad": "importance.grad",
-    "--consolidate": "importance.consolidate", "--importance-dtype": "importance.dtype",
+    "--layer-scale": "method.layer_scale", "--layer-group": "method.layer_group", "--omega-norm": "method.omega_norm",
+    "--xi": "method.xi", "--clamp": "method.clamp", "--grad": "method.grad", "--unclipped": "method.unclipped",
+    "--consolidate": "method.consolidate", "--importance-dtype": "method.importance_dtype",
+    "--lam": "method.lam", "--fisher": "method.fisher", "--fisher-file": "method.fisher_file",
+    "--rho": "method.rho", "--beta": "method.beta",
     "--targets": "lora.targets", "--r": "lora.r", "--alpha": "lora.alpha", "--lora-dropout": "lora.dropout",
     "--rslora": "lora.rslora",
     "--lr": "train.lr", "--schedule": "train.schedule", "--batch-size": "train.batch_size",
@@ -51,28 +53,30 @@ def _run_config(args):
 # ------------------------------------------------------------------------------ subcommands
 
 
-def cmd_general(args):
+def _train(args, stage: str):
     from .train import run_stage
 
     cfg = _run_config(args)
     t = time.perf_counter()
-    out = run_stage(cfg, "general", resume=args.resume)
-    print(f"stage ν done in {time.perf_counter() - t:.1f} s -> {out}/adapter, {out}/importance.safetensors")
+    out = run_stage(cfg, stage, resume=args.resume)
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.name not in ("DONE", "config.yaml")))
+    print(f"stage {'ν' if stage == 'general' else 'μ'} ({cfg.method.name}) done in {time.perf_counter() - t:.1f} s "
+          f"-> {out}: {files}")
+
+
+def cmd_general(args):
+    _train(args, "general")
 
 
 def cmd_domain(args):
-    from .train import run_stage
-
-    cfg = _run_config(args)
-    t = time.perf_counter()
-    out = run_stage(cfg, "domain", resume=args.resume)
-    print(f"stage μ ({cfg.method.name}) done in {time.perf_counter() - t:.1f} s -> {out}/adapter")
+    _train(args, "domain")
 
 
 def format_eval_table(result: dict) -> str:
     rows = ["| task | metric | value | n | seconds |", "|---|---|---:|---:|---:|"]
     for name, r in result["tasks"].items():
-        keys = ["acc", "acc_norm"] if "acc" in r else ["token_ppl", "word_ppl", "bits_per_byte"]
+        keys = ["acc", "acc_norm"] if "acc" in r else ["token_ppl", "word_ppl", "bits_per_byte"] + (
+            ["kl"] if r.get("kl") is not None else [])
         for k in keys:
             rows.append(f"| {name} | {k} | {r[k]:.4f} | {r.get('n', r.get('n_tokens', ''))} | {r.get('seconds', 0):.1f} |")
     return "\n".join(rows)
@@ -80,31 +84,21 @@ def format_eval_table(result: dict) -> str:
 
 def cmd_eval(args):
     from .config import EvalConfig, ModelConfig, load_config
-    from .data import get_task
-    from .evaluate import evaluate
-    from .files import write_json
-    from .model import load_adapter, load_model
+    from .eval_recipe import evaluate_checkpoint
 
     ecfg = load_config(EvalConfig, args.config, _overrides(args))
     if args.tasks:
         ecfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.limit is not None:
         ecfg.limit = args.limit
-    tasks = [get_task(t) for t in ecfg.tasks]  # resolve (and fail on bad names/files) before loading a model
-    for t in tasks:
-        t.eval_items(1) if t.kind == "mcq" else t.eval_texts()
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise CLIError(f"adapter directory {args.adapter} has no adapter_config.json")
-    t0 = time.perf_counter()
-    model, tok, _ = load_model(ModelConfig(name=args.model, dtype=args.dtype))
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
-    load_s = time.perf_counter() - t0
-    res = evaluate(model, tok, tasks, limit=ecfg.limit, batch_size=ecfg.batch_size,
-                   ppl_window=ecfg.ppl_window, ppl_max_tokens=ecfg.ppl_max_tokens)
-    res.update(model=args.model, adapter=args.adapter or None, load_seconds=load_s)
-    if args.out:
-        write_json(args.out, res)
+    method = None
+    if args.scale is not None:  # WiSE-FT: the adapter's ΔW scaled by α at evaluation
+        from .config import method_config
+        from .methods import StageContext, build_method
+
+        method = build_method(method_config("wise", alpha=args.scale), StageContext(stage="domain"))
+    res = evaluate_checkpoint(ModelConfig(name=args.model, dtype=args.dtype), args.adapter, ecfg.tasks, ecfg,
+                              out=args.out, method=method)
     print(format_eval_table(res))
     if args.out:
         print(f"wrote {args.out}")
@@ -161,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
     g.set_defaults(fn=cmd_general)
 
-    d = sub.add_parser("domain", help="stage μ: LoRA on a task with a regularizer (--method hlora|none|ewc)")
+    d = sub.add_parser("domain", help="stage μ: LoRA on a task with a method (--method hlora|none|ewc|replay|"
+                                      "kl_general|kl_domain|corda_kpm)")
     _add_common(d, RUN_FLAGS)
     d.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
     d.set_defaults(fn=cmd_domain)
@@ -173,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", help="comma list: sciq,piqa,medmcqa,wikitext,text:FILE,mcq:FILE")
     e.add_argument("--limit", type=int, help="first N items of each MCQ task")
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--scale", type=float, help="WiSE-FT: evaluate the adapter's ΔW scaled by this α in [0, 1]")
     e.add_argument("--out", help="write metrics and per-item scores here (JSON)")
     e.set_defaults(fn=cmd_eval)
 

@@ -51,30 +51,28 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
     shuffle: bool = True  # false = data in order (reproducible global batches, e.g. DDP checks)
-    max_grad_norm: float = 1.0  # transformers default; SI reads the clipped (applied) gradient
+    max_grad_norm: float = 1.0  # transformers default; SI reads the gradient before clipping (DESIGN §2)
 
 
 @dataclass
 class MethodConfig:
-    """The regularizer of stage mu. Baselines and ablations are settings of these fields."""
+    """Base of every method's typed config: `name` picks the method from the registry
+    (hlora.methods.REGISTRY). Each method subclasses this in its own file with its own fields (PEFT's
+    pattern: one config class per method); a YAML/override section `method:` is read into the class
+    that its `name` selects, so a field of another method is an error, not silently ignored."""
 
-    name: str = "hlora"  # registry key: none | hlora | ewc
-    phi: float = 1e-3  # paper's regularization coefficient
-    layer_weighting: str = "softmax"  # softmax | uniform (ablation "-layer")
-    layer_scale: Any = 1e-8  # float (reference code) or "auto" = 1/mean_l ||Omega_l||
-    layer_group: str = "module"  # module | block
-    lam: float = 0.5  # EWC-LoRA lambda (on sample-normalised Fisher)
-    fisher: str = "empirical"  # empirical | sampled
-    fisher_examples: int = 64
+    name: str = "hlora"
+
+    @staticmethod
+    def resolve(data: dict) -> type:
+        from .methods import config_class
+
+        return config_class(str(data.get("name", "hlora")))
 
 
-@dataclass
-class ImportanceConfig:
-    xi: float = 1e-9  # paper eq. 13 damping
-    clamp: str = "step"  # step (reference code) | end (SI original) | none
-    grad: str = "paper"  # paper (eq. 11 pseudo-gradient) | exact
-    consolidate: str = "end"  # end | epoch
-    dtype: str = "float32"  # on-disk dtype of Omega: float32 | float16 | bfloat16
+def method_config(name: str = "hlora", **fields_) -> MethodConfig:
+    """The typed config of method `name` with its defaults (and `fields_` set)."""
+    return from_dict(MethodConfig, {"name": name, **fields_}, where="method")
 
 
 @dataclass
@@ -85,6 +83,8 @@ class EvalConfig:
     ppl_window: int = 512  # tokens per non-overlapping perplexity window
     ppl_max_tokens: int = 0  # 0 = whole split
     split: str = "eval"  # eval = the task's held-out split
+    kl: bool = False  # also KL(p_base ‖ p_model) per token on the text tasks (one more forward per window)
+    transfer_limit: int = 0  # items of each task a model was not tuned on (experiments); 0 = `limit`
 
 
 @dataclass
@@ -94,13 +94,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    method: MethodConfig = field(default_factory=method_config)  # hlora: records Ω in stage ν, penalises in μ
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: str = "wikitext"  # training task: general text (stage nu) or domain task (stage mu)
-    general_data: str = "wikitext"  # general text (EWC-LoRA Fisher in stage mu)
+    general_data: str = "wikitext"  # the general-text pool of stage ν (replay, KL, Fisher and CorDA draw on it)
+    general_seq_len: int = 0  # sequence length of that pool; 0 = train.seq_len
     init_adapter: str = ""  # stage mu: continue this (nu) adapter; "" = fresh adapter
-    importance_file: str = ""  # stage mu: importance of the nu stage (or Fisher)
+    importance_file: str = ""  # stage mu: importance of the nu stage
+    cache_dir: str = ""  # where methods may cache what cells share (the EWC Fisher); "" = no cache
     out: str = "runs/run"
 
 
@@ -117,6 +118,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     origin = typing.get_origin(tp)
     if is_dataclass(tp):
+        if is_dataclass(value) and isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
@@ -151,6 +154,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls, data: dict, where: str = "config"):
+    if "resolve" in vars(cls):  # a polymorphic section (method:): its `name` picks the concrete class
+        try:
+            cls = cls.resolve(data)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{where}: {e.args[0] if e.args else e}") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = [k for k in data if k not in names]
@@ -185,14 +193,20 @@ def apply_overrides(cfg, overrides: list[str]):
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        node = data
+        node, obj = data, cfg
         for p in parts[:-1]:
             if not isinstance(node, dict) or p not in node:
                 raise ConfigError(f"override {item!r}: unknown section {p!r}")
-            node = node[p]
+            node, obj = node[p], getattr(obj, p, None)
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise ConfigError(f"override {item!r}: unknown key {key!r}")
-        node[parts[-1]] = _parse_scalar(raw)
+            known = f" (known: {', '.join(node)})" if isinstance(node, dict) else ""
+            raise ConfigError(f"override {item!r}: unknown key {key!r}{known}")
+        value = _parse_scalar(raw)
+        if parts[-1] == "name" and isinstance(obj, MethodConfig) and value != node["name"]:
+            # another method: its own fields and defaults replace the old method's
+            node.clear()
+            node.update(to_dict(method_config(str(value))))
+        node[parts[-1]] = value
     return from_dict(type(cfg), data)
 
 

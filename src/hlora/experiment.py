@@ -1,53 +1,76 @@
-"""The experiment: methods × tasks × seeds (+ an optional φ sweep), resumable, -> results.json.
+"""The experiment: rows (methods) × tasks × seeds, each row's sweep a front; resumable from committed records.
 
-Every method of the paper is a row of METHODS: which adapter stage μ starts from and which
-overrides it applies. One code path runs them all. Per seed the stage-ν run is shared by the
-methods that start from it; the EWC Fisher (of the pretrained model, seed-independent) is
-computed once per experiment and shared.
+A row of ROWS names everything about a method in one line: its label, where stage μ starts (`fresh`
+adapter, the stage-`nu` adapter, `none` = no training, or another row's id = evaluate that row's trained
+adapter, as WiSE-FT does), its method config and the field its front sweeps. One code path runs them all;
+nothing here asks for a method's name.
 
-Layout of OUT: seed<S>/general/ (stage ν), fisher.safetensors, cells/<method>-<task>-s<S>[-phi<φ>]/
-(stage μ run dir + cell.json), results.json (all finished cells), report/.
+Layout: OUT/ (work, never committed: run directories, adapters, caches) holds seed<S>/general/ (stage ν,
+shared by the rows that start from it), cache/ (e.g. the EWC Fisher, shared by seeds), cells/<cell>/run/.
+RECORDS/<cell>.json (default OUT/records) holds one small record per finished cell: a cell with a record
+is done, so a grid whose records are committed resumes on a fresh machine from the repository alone.
+results.json (all records, config order) and report/ are written next to RECORDS.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import (
+    ConfigError,
     EvalConfig,
-    ImportanceConfig,
     LoraConfig,
     MethodConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
     apply_overrides,
+    from_dict,
+    method_config,
+    to_dict,
 )
 from .files import write_json
+from .util import did_you_mean
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    start: str  # "none" (no training), "fresh" (new adapter) or "nu" (continue the stage-ν adapter)
-    overrides: tuple[str, ...] = ()
-    label: str = ""
+class Row:
+    id: str
+    label: str
+    start: str  # "none" | "fresh" | "nu" | the id of the row whose trained adapter this row evaluates
+    method: tuple = (("name", "none"),)  # method config fields (a tuple of pairs: rows are immutable)
+    lora: tuple[str, ...] = ()  # LoRA overrides, e.g. ("rslora=true",)
+    sweep: str = ""  # the method field the row's front varies
 
 
-METHODS: dict[str, MethodSpec] = {
-    "base": MethodSpec("none", (), "Base"),
-    "lora_mu": MethodSpec("fresh", ("method.name=none",), "LoRA(μ)"),
-    "lora_nu_mu": MethodSpec("nu", ("method.name=none",), "LoRA(ν+μ)"),
-    "rslora": MethodSpec("fresh", ("method.name=none", "lora.rslora=true"), "rsLoRA"),
-    "ewc_lora": MethodSpec("fresh", ("method.name=ewc",), "EWC-LoRA"),
-    "hlora": MethodSpec("nu", ("method.name=hlora",), "HLoRA"),
-    "hlora_no_layer": MethodSpec("nu", ("method.name=hlora", "method.layer_weighting=uniform"), "HLoRA −layer"),
-    # The paper's "-layer,element" ablation: ν then μ with no penalty (same as LoRA(ν+μ)).
-    "hlora_no_layer_element": MethodSpec("nu", ("method.name=none",), "HLoRA −layer,element"),
-}
+_R = Row
+ROWS: dict[str, Row] = {r.id: r for r in [
+    _R("base", "Base", "none"),
+    _R("lora_mu", "LoRA(μ)", "fresh"),
+    _R("lora_nu_mu", "LoRA(ν+μ)", "nu"),
+    _R("rslora", "rsLoRA", "fresh", lora=("rslora=true",)),
+    _R("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam"),
+    _R("hlora", "HLoRA", "nu", (("name", "hlora"),), sweep="phi"),
+    _R("hlora_auto", "HLoRA (layer_scale=auto)", "nu", (("name", "hlora"), ("layer_scale", "auto")), sweep="phi"),
+    _R("hlora_norm", "HLoRA (mean-normalised Ω)", "nu", (("name", "hlora"), ("omega_norm", "mean")), sweep="phi"),
+    _R("hlora_no_layer", "HLoRA −layer", "nu", (("name", "hlora"), ("layer_weighting", "uniform")), sweep="phi"),
+    # The paper's "-layer,element" ablation: ν then μ with no penalty (same configuration as LoRA(ν+μ)).
+    _R("hlora_no_layer_element", "HLoRA −layer,element", "nu"),
+    _R("replay", "Replay", "fresh", (("name", "replay"),), sweep="rho"),
+    _R("kl_general", "KL-to-base (general)", "fresh", (("name", "kl_general"),), sweep="beta"),
+    _R("kl_domain", "KL-to-base (domain)", "fresh", (("name", "kl_domain"),), sweep="beta"),
+    _R("corda_kpm", "CorDA-KPM", "fresh", (("name", "corda_kpm"),)),
+    _R("wise_lora_mu", "WiSE-FT of LoRA(μ)", "lora_mu", (("name", "wise"),), sweep="alpha"),
+    _R("wise_lora_nu_mu", "WiSE-FT of LoRA(ν+μ)", "lora_nu_mu", (("name", "wise"),), sweep="alpha"),
+    _R("wise_hlora", "WiSE-FT of HLoRA", "hlora", (("name", "wise"),), sweep="alpha"),
+]}
+METHODS = ROWS  # the rows are the experiment's methods
 
 
 @dataclass
@@ -55,19 +78,243 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     general: TrainConfig = field(default_factory=TrainConfig)  # stage ν training
-    domain: TrainConfig = field(default_factory=TrainConfig)  # stage μ training
-    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)  # φ, λ, ... shared by the methods
+    domain: TrainConfig = field(default_factory=TrainConfig)  # stage μ training (every row alike)
+    general_method: MethodConfig = field(default_factory=method_config)  # stage ν: HLoRA's recording settings
     eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=lambda: ["base", "lora_mu", "hlora"])
+    methods: list[str] = field(default_factory=lambda: ["base", "lora_mu", "hlora"])  # row ids
+    options: dict[str, dict] = field(default_factory=dict)  # row id -> method fields (the row's main point)
+    sweeps: dict[str, dict] = field(default_factory=dict)  # row id -> {field: [values]} (its front)
+    per_task: dict[str, dict] = field(default_factory=dict)  # task -> {methods, seeds, sweeps} (thinning)
     tasks: list[str] = field(default_factory=lambda: ["sciq"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    phi_sweep: list[float] = field(default_factory=list)  # extra hlora cells (first task, first seed)
-    general_data: str = "wikitext"  # stage-ν text and the EWC Fisher data
-    general_eval: str = "wikitext"  # held-out perplexity task
-    data_root: str = ""  # "" = default data search; the demo points it at the embedded subset
+    transfer: bool = False  # also evaluate every model on the other tasks (cross-task retention)
+    general_data: str = "wikitext"  # stage ν's text: the general pool of every method
+    general_eval: str = "wikitext"  # held-out general text (perplexity, KL to the base model)
+    data_root: str = ""  # "" = default data search; "embedded" = the subset shipped in the package
     full_fisher_examples: int = 2  # samples timed for the full-model Fisher cost estimate
-    out: str = "runs/experiment"
+    out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
+    records: str = ""  # one JSON per finished cell (commit these); "" = OUT/records
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: Row
+    task: str
+    seed: int
+    method: MethodConfig
+    point: Any = None  # the swept field's value (None: the row has no front)
+    main: bool = True  # the row's own setting (only main cells enter the fixed tables)
+
+    @property
+    def name(self) -> str:
+        safe = self.task.replace(":", "_").replace("/", "_")
+        sweep = f"-{self.row.sweep}{self.point:g}" if self.point is not None and not self.main else ""
+        return f"{self.row.id}-{safe}-s{self.seed}{sweep}"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def _row_method(cfg: ExperimentConfig, row: Row, **fields_) -> MethodConfig:
+    data = {**dict(row.method), **cfg.options.get(row.id, {}), **fields_}
+    return from_dict(MethodConfig, data, where=f"method of row {row.id!r}")
+
+
+def plan(cfg: ExperimentConfig) -> list[Cell]:
+    """Every cell, seed-major (a whole seed's grid lands before the next seed starts)."""
+    for m in cfg.methods:
+        if m not in ROWS:
+            raise ConfigError(f"methods: unknown method {m!r}{did_you_mean(m, ROWS)}; known: {', '.join(ROWS)}")
+    for where in (cfg.options, cfg.sweeps):
+        for m in where:
+            if m not in ROWS:
+                raise ConfigError(f"unknown method {m!r} in options/sweeps{did_you_mean(m, ROWS)}")
+    if not cfg.tasks or not cfg.seeds:
+        raise ConfigError("tasks and seeds must not be empty")
+    for t in cfg.per_task:
+        if t not in cfg.tasks:
+            raise ConfigError(f"per_task: {t!r} is not one of the tasks {cfg.tasks}")
+    cells = []
+    for seed in sorted({s for t in cfg.tasks for s in cfg.per_task.get(t, {}).get("seeds", cfg.seeds)}):
+        for task in cfg.tasks:
+            pt = cfg.per_task.get(task, {})
+            if seed not in pt.get("seeds", cfg.seeds):
+                continue
+            for rid in pt.get("methods", cfg.methods):
+                cells.extend(_row_cells(cfg, ROWS[rid], task, seed, pt.get("sweeps", cfg.sweeps).get(rid, {})))
+    return cells
+
+
+def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
+    main = _row_method(cfg, row)
+    unknown = [k for k in sweep if k != row.sweep]
+    if unknown:
+        raise ConfigError(f"sweeps.{row.id}: row {row.id!r} sweeps {row.sweep or 'nothing'!r}, not {unknown[0]!r}")
+    if not row.sweep:
+        return [Cell(row, task, seed, main)]
+    own = getattr(main, row.sweep)
+    values = sorted({float(v) for v in sweep.get(row.sweep, [])} | {float(own)})
+    return [Cell(row, task, seed, _row_method(cfg, row, **{row.sweep: v}), v, v == float(own)) for v in values]
+
+
+# ----------------------------------------------------------------------------- running one cell
+
+
+def _stage_config(cfg: ExperimentConfig, train: TrainConfig, seed: int, method: MethodConfig, **kw) -> RunConfig:
+    return RunConfig(model=cfg.model, lora=cfg.lora, train=dataclasses.replace(train, seed=seed), method=method,
+                     eval=cfg.eval, general_data=cfg.general_data, general_seq_len=cfg.general.seq_len,
+                     cache_dir=str(Path(cfg.out) / "cache"), **kw)
+
+
+def _run_or_resume(rc: RunConfig, stage: str) -> Path:
+    from .train import run_stage
+
+    out = Path(rc.out)
+    if (out / "DONE").exists():
+        return out
+    return run_stage(rc, stage, resume=out.exists())
+
+
+def _nu_run(cfg: ExperimentConfig, seed: int) -> Path:
+    out = Path(cfg.out) / f"seed{seed}" / "general"
+    return _run_or_resume(_stage_config(cfg, cfg.general, seed, cfg.general_method, data=cfg.general_data,
+                                        out=str(out)), "general")
+
+
+def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
+    """Train the cell's stage μ (or reuse it); returns (adapter dir or None, what the record adds)."""
+    row = cell.row
+    if row.start == "none":
+        return None, {"train_seconds": 0.0, "cost": {"steps": 0, "domain_tokens": 0, "general_tokens": 0,
+                                                     "extra_forward_tokens": 0, "train_seconds": 0.0}}
+    if row.start in ROWS:  # evaluate another row's trained adapter (its main cell)
+        src = Cell(ROWS[row.start], cell.task, cell.seed, _row_method(cfg, ROWS[row.start]))
+        adapter, info = _trained(cfg, src)
+        return adapter, {**info, "source": src.name}
+    extra: dict = {}
+    init, importance, nu_cost = "", "", {}
+    if row.start == "nu":
+        nu = _nu_run(cfg, cell.seed)
+        init, importance = str(nu / "adapter"), str(nu / "importance.safetensors")
+        nu_sum = json.loads((nu / "summary.json").read_text())
+        nu_cost = nu_sum["costs"] | {"train_seconds": nu_sum["train_seconds"], "steps": nu_sum["steps"]}
+        extra.update({k: nu_sum[k] for k in ("importance_seconds", "importance_bytes") if k in nu_sum},
+                     importance_kind="si", layer_norms=_layer_norms(Path(importance)))
+    rc = _stage_config(cfg, cfg.domain, cell.seed, cell.method, data=cell.task, init_adapter=init,
+                       importance_file=importance, out=str(Path(cfg.out) / "cells" / _run_name(cell) / "run"))
+    rc = apply_overrides(rc, [f"lora.{o}" for o in row.lora])
+    t = time.perf_counter()
+    run = _run_or_resume(rc, "domain")
+    s = json.loads((run / "summary.json").read_text())
+    c = s["costs"]
+    cost = {"steps": s["steps"], "train_seconds": s["train_seconds"], "wall_seconds": time.perf_counter() - t,
+            "domain_tokens": c["domain_tokens"], "general_tokens": c["general_tokens"] + nu_cost.get("general_tokens", 0),
+            "extra_forward_tokens": c["extra_forward_tokens"],
+            "nu_steps": nu_cost.get("steps", 0), "nu_train_seconds": nu_cost.get("train_seconds", 0.0)}
+    for k in ("importance_seconds", "importance_bytes", "importance_kind"):
+        if k in s:
+            extra[k] = s[k]
+    return run / "adapter", {**extra, "train_seconds": s["train_seconds"], "cost": cost, "curve": _curve(run),
+                             "config": dataclasses.asdict(rc)}
+
+
+def _run_name(cell: Cell) -> str:
+    """A training run is shared by cells that train alike: a WiSE row's cells evaluate the source's run."""
+    return cell.name
+
+
+def _layer_norms(path: Path) -> dict | None:
+    from .importance import Importance
+
+    return {k: float(v) for k, v in Importance.load(path).layer_norms().items()} if path.is_file() else None
+
+
+def _curve(run: Path) -> dict | None:
+    log = run / "log.jsonl"
+    if not log.exists():
+        return None
+    recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+    return {"step": [r["step"] for r in recs], "loss": [r["loss"] for r in recs],
+            "penalty": [r["penalty"] for r in recs]}
+
+
+def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
+    """The cell's task, (with cfg.transfer) the other tasks, and the held-out general text."""
+    from .eval_recipe import evaluate_checkpoint
+    from .methods import StageContext, build_method
+
+    others = [t for t in cfg.tasks if t != cell.task] if cfg.transfer else []
+    limits = {t: cfg.eval.transfer_limit for t in others if cfg.eval.transfer_limit}
+    method = build_method(cell.method, StageContext(stage="domain")) if adapter is not None else None
+    return evaluate_checkpoint(cfg.model, adapter, [cell.task, *others, cfg.general_eval], cfg.eval,
+                               method=method, limits=limits)["tasks"]
+
+
+def _full_fisher(cfg: ExperimentConfig) -> dict:
+    """What a full-model Fisher would cost (bytes, seconds), measured once and cached in OUT."""
+    from .bench import full_fisher_cost
+    from .data.packing import batches, general_pool
+    from .model import load_model
+
+    path = Path(cfg.out) / "cache" / "full_fisher.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model, tok, _ = load_model(cfg.model)
+    pool = general_pool(tok, cfg.general_data, cfg.general.seq_len)
+    cost = full_fisher_cost(model, batches(pool, 1, limit=cfg.full_fisher_examples),
+                            n_examples=cfg.full_fisher_examples, targets=cfg.lora.targets)
+    write_json(path, cost)
+    return cost
+
+
+def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
+    """What determines a cell's result (not where it runs, how fast, or what else the grid holds)."""
+    ev = dataclasses.replace(cfg.eval, batch_size=0)
+    key = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "general": to_dict(cfg.general),
+           "domain": to_dict(cfg.domain), "general_method": to_dict(cfg.general_method), "eval": to_dict(ev),
+           "row": dataclasses.asdict(cell.row), "method": to_dict(cell.method), "task": cell.task, "seed": cell.seed,
+           "transfer": [t for t in cfg.tasks if t != cell.task] if cfg.transfer else [],
+           "general_data": cfg.general_data, "general_eval": cfg.general_eval}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
+    path = records / f"{cell.name}.json"
+    want = settings_hash(cfg, cell)
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if rec.get("settings_hash") != want:
+            raise ConfigError(f"{path} was made with other settings than this config's cell {cell.name}: "
+                              "delete it to recompute it, or point `records` at another folder")
+        return rec
+    t0 = time.perf_counter()
+    adapter, info = _trained(cfg, cell)
+    ev = _evaluate(cfg, cell, adapter)
+    t_res, g_res = ev[cell.task], ev[cfg.general_eval]
+    cost = {**info.pop("cost"), "eval_seconds": sum(r.get("seconds", 0.0) for r in ev.values())}
+    cost["wall_seconds"] = time.perf_counter() - t0
+    rec = {
+        "cell": cell.name, "method": cell.row.id, "label": cell.row.label, "regularizer": cell.method.name,
+        "task": cell.task, "seed": cell.seed, "main": cell.main,
+        "sweep": {"param": cell.row.sweep, "value": cell.point} if cell.point is not None else None,
+        "general_ppl": g_res["token_ppl"], "general_word_ppl": g_res["word_ppl"], "general_bpb": g_res["bits_per_byte"],
+        "general_kl": g_res.get("kl", 0.0 if adapter is None else None),
+        "acc": t_res["acc"], "acc_norm": t_res["acc_norm"],
+        "per_item": {k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold") if k in t_res["per_item"]},
+        "transfer": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
+                     for t, r in ev.items() if t not in (cell.task, cfg.general_eval)},
+        "cost": cost, "train_seconds": info.pop("train_seconds"),
+        "importance_seconds": None, "importance_bytes": None, "importance_kind": None,
+        "full_fisher_bytes": None, "full_fisher_seconds": None, "curve": None, "layer_norms": None,
+        **info,
+        "config": info.get("config") or {"model": dataclasses.asdict(cfg.model)},
+        "settings_hash": want, "git_commit": _git_commit(), "versions": _versions(),
+    }
+    if rec["importance_kind"] == "fisher":  # next to a Fisher: what one of the whole model would cost
+        ff = _full_fisher(cfg)
+        rec.update(full_fisher_bytes=ff["full_bytes"], full_fisher_seconds=ff["full_seconds"])
+    write_json(path, rec)
+    return rec
 
 
 def _git_commit() -> str:
@@ -88,26 +335,6 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _check(cfg: ExperimentConfig):
-    from .config import ConfigError
-
-    for m in cfg.methods:
-        if m not in METHODS:
-            import difflib
-
-            hint = difflib.get_close_matches(m, list(METHODS), n=1)
-            raise ConfigError(f"methods: unknown method {m!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                              + f"; known: {', '.join(METHODS)}")
-    if not cfg.tasks or not cfg.seeds:
-        raise ConfigError("tasks and seeds must not be empty")
-
-
-def _stage_config(cfg: ExperimentConfig, train: TrainConfig, seed: int, **kw) -> RunConfig:
-    return RunConfig(model=cfg.model, lora=cfg.lora, train=dataclasses.replace(train, seed=seed),
-                     method=cfg.method, importance=cfg.importance, eval=cfg.eval,
-                     general_data=cfg.general_data, **kw)
 
 
 class _DataRoot:
@@ -133,149 +360,48 @@ class _DataRoot:
                 os.environ["HLORA_DATA"] = self.old
 
 
-def _run_or_resume(rc: RunConfig, stage: str) -> Path:
-    from .train import run_stage
-
-    out = Path(rc.out)
-    if (out / "DONE").exists():
-        return out
-    return run_stage(rc, stage, resume=out.exists())
+def records_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.records) if cfg.records else Path(cfg.out) / "records"
 
 
-def _evaluate(cfg: ExperimentConfig, task: str, adapter: Path | None) -> dict:
-    from .data import get_task
-    from .evaluate import evaluate
-    from .model import load_adapter, load_model
-
-    model, tok, _ = load_model(cfg.model)
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-    res = evaluate(model, tok, [get_task(task), get_task(cfg.general_eval)], limit=cfg.eval.limit,
-                   batch_size=cfg.eval.batch_size, ppl_window=cfg.eval.ppl_window,
-                   ppl_max_tokens=cfg.eval.ppl_max_tokens)
-    return res["tasks"]
-
-
-def _curve(run: Path) -> dict | None:
-    log = run / "log.jsonl"
-    if not log.exists():
-        return None
-    recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
-    return {"step": [r["step"] for r in recs], "loss": [r["loss"] for r in recs],
-            "penalty": [r["penalty"] for r in recs]}
-
-
-def _importance_info(path: Path) -> dict:
-    from .importance import Importance
-
-    imp = Importance.load(path)
-    return {"importance_seconds": float(imp.metadata.get("seconds", "nan")),
-            "importance_bytes": path.stat().st_size, "importance_kind": imp.metadata.get("kind"),
-            "layer_norms": {k: float(v) for k, v in imp.layer_norms().items()}}
-
-
-def _full_fisher(cfg: ExperimentConfig, out: Path) -> dict:
-    """What a full-model Fisher would cost (bytes, seconds), measured once and cached in OUT."""
-    from .methods.ewc import full_fisher_cost
-    from .model import load_model
-    from .train import _general_batches
-
-    path = out / "full_fisher.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    model, tok, _ = load_model(cfg.model)
-    rc = _stage_config(cfg, cfg.general, 0)
-    rc.method = dataclasses.replace(rc.method, fisher_examples=max(1, cfg.method.fisher_examples))
-    cost = full_fisher_cost(model, _general_batches(rc, tok)(), n_examples=cfg.full_fisher_examples,
-                            fisher_examples=cfg.method.fisher_examples, targets=cfg.lora.targets)
-    write_json(path, cost)
-    return cost
-
-
-def run_cell(cfg: ExperimentConfig, method: str, task: str, seed: int, phi: float | None, out: Path) -> dict:
-    spec = METHODS[method]
-    name = f"{method}-{task.replace(':', '_').replace('/', '_')}-s{seed}" + (f"-phi{phi:g}" if phi is not None else "")
-    cell = out / "cells" / name
-    done = cell / "cell.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    rec: dict = {"method": method, "task": task, "seed": seed, "phi": None, "sweep": phi is not None, "train_seconds": 0.0, "importance_seconds": None, "importance_bytes": None,
-        "importance_kind": None, "full_fisher_bytes": None, "full_fisher_seconds": None,
-        "curve": None, "layer_norms": None}
-    adapter = None
-    rc = None
-    if spec.start != "none":
-        init = ""
-        importance = ""
-        if spec.start == "nu":
-            nu = _run_or_resume(_stage_config(cfg, cfg.general, seed, data=cfg.general_data,
-                                              out=str(out / f"seed{seed}" / "general")), "general")
-            init, importance = str(nu / "adapter"), str(nu / "importance.safetensors")
-            rec.update(_importance_info(Path(importance)))
-        rc = _stage_config(cfg, cfg.domain, seed, data=task, init_adapter=init, importance_file=importance,
-                           out=str(cell / "run"))
-        rc = apply_overrides(rc, list(spec.overrides) + ([f"method.phi={phi}"] if phi is not None else []))
-        if rc.method.name == "hlora":
-            rec["phi"] = rc.method.phi
-        if rc.method.name == "ewc":
-            rc.importance_file = str(out / "fisher.safetensors")
-        t = time.perf_counter()
-        run = _run_or_resume(rc, "domain")
-        summary = json.loads((run / "summary.json").read_text())
-        rec["train_seconds"] = summary["train_seconds"]
-        rec["wall_seconds"] = time.perf_counter() - t
-        rec["curve"] = _curve(run)
-        if rc.method.name == "ewc":
-            info = _importance_info(Path(rc.importance_file))
-            cost = _full_fisher(cfg, out)
-            rec.update(info, full_fisher_bytes=cost["full_bytes"], full_fisher_seconds=cost["full_seconds"])
-        adapter = run / "adapter"
-    ev = _evaluate(cfg, task, adapter)
-    t_res, g_res = ev[task if task in ev else next(iter(ev))], ev[cfg.general_eval]
-    rec.update(general_ppl=g_res["token_ppl"], general_word_ppl=g_res["word_ppl"], general_bpb=g_res["bits_per_byte"],
-               acc=t_res["acc"], acc_norm=t_res["acc_norm"],
-               per_item={k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold") if k in t_res["per_item"]},
-               eval_seconds=t_res.get("seconds", 0) + g_res.get("seconds", 0),
-               config=dataclasses.asdict(rc) if rc else {"model": dataclasses.asdict(cfg.model)},
-               git_commit=_git_commit(), versions=_versions())
-    write_json(done, rec)
-    return rec
-
-
-def run_experiment(cfg: ExperimentConfig, progress=print) -> Path:
-    """Run every unfinished cell; rewrite results.json after each; write the report."""
+def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True) -> Path:
+    """Run every cell without a record; rewrite results.json after each; write the report.
+    Returns the folder holding results.json (the records' parent)."""
     from .report import write_report
 
-    _check(cfg)
+    cells = plan(cfg)
     if cfg.data_root == "embedded":  # the subset shipped inside the package
         from .assets import EMBEDDED_DATA
 
         cfg = dataclasses.replace(cfg, data_root=str(EMBEDDED_DATA))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cells = [(m, t, s, None) for s in cfg.seeds for t in cfg.tasks for m in cfg.methods]
-    cells += [("hlora", cfg.tasks[0], cfg.seeds[0], float(p)) for p in cfg.phi_sweep]
+    records = records_dir(cfg)
+    records.mkdir(parents=True, exist_ok=True)
+    home = records.parent
     results = []
     with _DataRoot(cfg.data_root):
-        for i, (m, t, s, phi) in enumerate(cells, 1):
-            tag = f"[{i}/{len(cells)}] {METHODS[m].label or m} on {t}, seed {s}" + (f", φ={phi:g}" if phi is not None else "")
-            progress(f"{tag} ...")
+        for i, cell in enumerate(cells, 1):
+            tag = f"[{i}/{len(cells)}] {cell.name}"
+            done = (records / f"{cell.name}.json").exists()
             t0 = time.perf_counter()
-            rec = run_cell(cfg, m, t, s, phi, out)
-            progress(f"{tag}: acc {rec['acc']:.3f}, general ppl {rec['general_ppl']:.2f} ({time.perf_counter() - t0:.0f} s)")
+            if not done:
+                progress(f"{tag} ...")
+            rec = run_cell(cfg, cell, records)
+            if not done:
+                progress(f"{tag}: acc {rec['acc']:.3f}, general ppl {rec['general_ppl']:.2f} "
+                         f"({time.perf_counter() - t0:.0f} s)")
             results.append(rec)
-            write_json(out / "results.json", results)
-    write_report(out / "results.json", out / "report")
-    return out
+            write_json(home / "results.json", results)
+    if report:
+        write_report(home / "results.json", home / "report")
+    return home
 
 
 def summary_table(results: list[dict]) -> str:
     rows = ["| method | task | seed | general ppl | acc | acc_norm | train s |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        if r.get("sweep"):
-            continue
-        rows.append(f"| {METHODS.get(r['method'], MethodSpec('none', (), r['method'])).label or r['method']} | {r['task']} "
-                    f"| {r['seed']} | {r['general_ppl']:.2f} | {r['acc']:.3f} | {r['acc_norm']:.3f} | {r['train_seconds']:.0f} |")
+        point = f" ({r['sweep']['param']}={r['sweep']['value']:g})" if r.get("sweep") else ""
+        rows.append(f"| {r['label']}{point} | {r['task']} | {r['seed']} | {r['general_ppl']:.2f} | {r['acc']:.3f} "
+                    f"| {r['acc_norm']:.3f} | {r['train_seconds']:.0f} |")
     return "\n".join(rows)
 
 
@@ -287,9 +413,9 @@ def demo(out: str = "runs/demo", overrides: list[str] | None = None, config: str
     cfg = load_config(ExperimentConfig, config or PACKAGE_DIR / "configs" / "demo.yaml",
                       [f"out={out}", *(overrides or [])])
     t = time.perf_counter()
-    path = run_experiment(cfg)
-    results = json.loads((path / "results.json").read_text())
+    home = run_experiment(cfg)
+    results = json.loads((home / "results.json").read_text())
     print()
     print(summary_table(results))
-    print(f"\ndemo finished in {time.perf_counter() - t:.0f} s; report: {path / 'report' / 'report.md'}")
-    return path
+    print(f"\ndemo finished in {time.perf_counter() - t:.0f} s; report: {home / 'report' / 'report.md'}")
+    return home

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# Max ΔW elements per group of stacked modules. On accelerators kernel launches dominate, so stack many
+# modules (each temporary stays ≤ 128 MiB fp32); on CPU one module at a time is faster (it stays in cache).
+CHUNK_ELEMENTS = 1 << 25
+CPU_CHUNK_ELEMENTS = 1
+
 _BLOCK_RE = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
 
 
@@ -79,3 +84,59 @@ def delta_w(ref: LoraRef, A: torch.Tensor | None = None, B: torch.Tensor | None 
 def to_weight_layout(ref: LoraRef, m: torch.Tensor) -> torch.Tensor:
     """Map an (out x in) matrix to the base weight's layout (identity unless fan_in_fan_out)."""
     return m.T if ref.fan_in_fan_out else m
+
+
+# ----------------------------------------------------------------------- stacked (batched) helpers
+# The SI recorder and the penalties form ΔW of many equally shaped modules at once with these, so that
+# all of them compute "ΔW of a module" the same way.
+
+
+def group_modules(refs: list[LoraRef], max_elements: int | None = None) -> list[list[int]]:
+    """Indices of `refs` grouped by (out, in, r, dtype, device), in model order, each group ≤ max_elements
+    ΔW elements (default: CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS on CPU), at least one module. Shared by the
+    recorder and the penalty so both form ΔW identically."""
+    groups: dict[tuple, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for i, r in enumerate(refs):
+        A, B = r.A, r.B
+        key = (B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)
+        chunks = groups.setdefault(key, [])
+        size = B.shape[0] * A.shape[1]
+        limit = max_elements if max_elements is not None else (
+            CPU_CHUNK_ELEMENTS if A.device.type == "cpu" else CHUNK_ELEMENTS)
+        if not chunks or (len(chunks[-1]) + 1) * size > limit:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(i)
+    return order
+
+
+def stacked(tensors, dtype: torch.dtype) -> torch.Tensor:
+    """torch.stack of detached tensors in `dtype` (always a new tensor)."""
+    out = torch.stack([t.detach() for t in tensors])
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def batched_delta_w(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """ΔW = s·B·A for stacked factors ([n, out, r] x [n, r, in] -> [n, out, in]; `scale` is [n, 1, 1])."""
+    return torch.bmm(B, A).mul_(scale)
+
+
+def update_delta_w(s: torch.Tensor, A0, B0, A1, B1) -> torch.Tensor:
+    """s·(B1·A1 − B0·A0) = s·((B1 − B0)·A1 + B0·(A1 − A0)), without forming either product alone."""
+    d = torch.bmm((B1 - B0).mul_(s), A1)
+    return d.baddbmm_(B0 * s, A1 - A0)
+
+
+def adapter_fingerprint(model: nn.Module) -> str:
+    """Short hash of the adapter's factors A and B (every LoRA module, model order): the importance file of
+    stage ν names the ΔW^ν it was recorded against by it, and stage μ refuses another adapter. The values
+    are rounded to bf16 first, so the same adapter loaded in fp32, fp16 or bf16 hashes the same."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in lora_modules(model):
+        h.update(r.name.encode())
+        for t in (r.A, r.B):
+            h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

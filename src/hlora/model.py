@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -12,8 +13,12 @@ from .config import LoraConfig, ModelConfig
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """"auto": this process's GPU if there is one, else the CPU. Under torchrun / accelerate each rank takes
+    the GPU of its LOCAL_RANK (all ranks on cuda:0 would put every replica, recorder and penalty there)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
 
 
@@ -21,7 +26,7 @@ def load_tokenizer(src: ModelSource):
     from transformers import AutoTokenizer
 
     if src.kind == "tiny":
-        from .testing import tiny_tokenizer
+        from .tiny import tiny_tokenizer
 
         return tiny_tokenizer()
     kw = {"gguf_file": src.gguf_file} if src.kind == "gguf" else {}
@@ -59,7 +64,7 @@ def _load_model(cfg: ModelConfig, seed: int):
 
     try:
         if src.kind == "tiny":
-            from .testing import tiny_model
+            from .tiny import tiny_model
 
             model = tiny_model(src.path, seed=0).to(dtype)  # the "pretrained" model never depends on the run's seed
         elif src.kind == "gguf":
@@ -105,10 +110,9 @@ def model_fingerprint(model: nn.Module, src: ModelSource | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def attach_lora(model: nn.Module, cfg: LoraConfig):
-    """Wrap `model` with a fresh PEFT LoRA adapter (PeftModel)."""
+def peft_lora_config(model: nn.Module, cfg: LoraConfig, **extra):
+    """PEFT's LoraConfig for our typed one, checked against `model`'s module names."""
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in cfg.targets if t not in present]
@@ -118,7 +122,7 @@ def attach_lora(model: nn.Module, cfg: LoraConfig):
             f"modules that exist include: {', '.join(sorted(present)[:20])}"
         )
     fan_in_fan_out = type(model).__name__.startswith("GPT2")  # GPT-2 uses Conv1D (in x out weights)
-    pcfg = PeftLoraConfig(
+    return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -126,8 +130,15 @@ def attach_lora(model: nn.Module, cfg: LoraConfig):
         use_rslora=cfg.rslora,
         fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
+        **extra,
     )
-    return get_peft_model(model, pcfg)
+
+
+def attach_lora(model: nn.Module, cfg: LoraConfig):
+    """Wrap `model` with a fresh PEFT LoRA adapter (PeftModel)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_lora_config(model, cfg))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):

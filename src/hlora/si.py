@@ -17,7 +17,10 @@ group holds at most CHUNK_ELEMENTS elements (on CPU, one module: there cache loc
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,57 +30,16 @@ from transformers import TrainerCallback
 
 from .files import atomic_path
 from .importance import Importance
-from .lora import LoraRef, lora_modules, to_weight_layout
+from .lora import adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked, to_weight_layout, update_delta_w
 
 CLAMPS = ("step", "end", "none")
 GRADS = ("paper", "exact")
 STATE_FILE = "si_state.safetensors"
-# Max ΔW elements per group. On accelerators kernel launches dominate, so stack many modules (each
-# temporary stays ≤ 128 MiB fp32); on CPU one module at a time is faster (its temporaries stay in cache).
-CHUNK_ELEMENTS = 1 << 25
-CPU_CHUNK_ELEMENTS = 1
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """Accumulate in fp32 (bf16/fp16/fp32 adapters) or fp64 (fp64 adapters)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def group_modules(refs: list[LoraRef], max_elements: int | None = None) -> list[list[int]]:
-    """Indices of `refs` grouped by (out, in, r, dtype, device), in model order, each group ≤ max_elements
-    ΔW elements (default: CHUNK_ELEMENTS, CPU_CHUNK_ELEMENTS on CPU), at least one module. Shared by the
-    recorder and the penalty so both form ΔW identically."""
-    groups: dict[tuple, list[list[int]]] = {}
-    order: list[list[int]] = []
-    for i, r in enumerate(refs):
-        A, B = r.A, r.B
-        key = (B.shape[0], A.shape[1], A.shape[0], A.dtype, A.device)
-        chunks = groups.setdefault(key, [])
-        size = B.shape[0] * A.shape[1]
-        limit = max_elements if max_elements is not None else (
-            CPU_CHUNK_ELEMENTS if A.device.type == "cpu" else CHUNK_ELEMENTS)
-        if not chunks or (len(chunks[-1]) + 1) * size > limit:
-            chunks.append([])
-            order.append(chunks[-1])
-        chunks[-1].append(i)
-    return order
-
-
-def stacked(tensors, dtype: torch.dtype) -> torch.Tensor:
-    """torch.stack of detached tensors in `dtype` (always a new tensor)."""
-    out = torch.stack([t.detach() for t in tensors])
-    return out if out.dtype == dtype else out.to(dtype)
-
-
-def batched_delta_w(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """ΔW = s·B·A for stacked factors ([n, out, r] x [n, r, in] -> [n, out, in]; `scale` is [n, 1, 1])."""
-    return torch.bmm(B, A).mul_(scale)
-
-
-def _update(s: torch.Tensor, A0, B0, A1, B1) -> torch.Tensor:
-    """s·(B1·A1 − B0·A0) = s·((B1 − B0)·A1 + B0·(A1 − A0)), without forming either product alone."""
-    d = torch.bmm((B1 - B0).mul_(s), A1)
-    return d.baddbmm_(B0 * s, A1 - A0)
 
 
 @dataclass
@@ -98,6 +60,16 @@ class _Group:
     gB: torch.Tensor | None = None
     lr: float | torch.Tensor = 0.0
     x: list = field(default_factory=list, repr=False)  # exact mode: lora_A's input of the current forward
+    # paper mode, unclipped: the accumulated gradients of A and B as backward left them (before clipping)
+    rawA: torch.Tensor | None = None
+    rawB: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> None:
+        """Move the state to `device` (the adapter moved after the recorder was built, e.g. by a Trainer)."""
+        for name in ("scale", "omega", "A0", "B0", "Omega", "G", "rawA", "rawB"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,18 +86,66 @@ def base_model_hash(model: nn.Module) -> str:
     return model_fingerprint(model)
 
 
+def _loss_scale(optimizer) -> float:
+    """The fp16 loss scale of the coming step (accelerate's optimizer wrapper holds the GradScaler), or 1."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        return float(scaler.get_scale())
+    return 1.0
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
+    """Average hook-read gradients over processes, as DDP averages parameter gradients."""
+    import torch.distributed as dist
+
+    if tensors and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world = dist.get_world_size()
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t.div_(world)
+
+
+class _Clock:
+    """Time spent in the recorder: perf_counter on CPU; CUDA events on a GPU, where kernels run after the
+    Python call returns (events time them without stalling the training stream to synchronise)."""
+
+    def __init__(self):
+        self._cpu = 0.0
+        self._events: list = []
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((start, end))
+        else:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._cpu += time.perf_counter() - t
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:  # resolve lazily: waits only for the recorded kernels
+            end.synchronize()
+            self._cpu += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self._cpu
+
+
 def _timed(fn):
-    """Add the wall time of a recorder method to `self.seconds` (the recording cost reported by experiments)."""
-    import functools
-    import time
+    """Count a recorder method's time in `self.seconds` (the recording cost reported by experiments)."""
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        t = time.perf_counter()
-        try:
+        with self._clock(self._device):
             return fn(self, *args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - t
 
     return wrapper
 
@@ -136,22 +156,25 @@ class SIRecorder:
     Drive it around each optimizer step::
 
         loss.backward()                      # (all micro-batches of the step)
-        recorder.before_step(optimizer)      # after clipping, before optimizer.step()
+        recorder.before_step(optimizer)      # before optimizer.step() (before or after clipping)
         optimizer.step()
         recorder.after_step()
         optimizer.zero_grad()
         ...
         importance = recorder.consolidate()  # end of the stage (or of each epoch)
 
-    grad="paper": g̃ from the (accumulated, possibly clipped) gradients of A and B read in before_step.
-    With a GradScaler, unscale the gradients before before_step (transformers' Trainer always does).
-    grad="exact": dL/dΔW from hooks on lora_A (input) and lora_B (output gradient) of every module,
-    summed over the micro-batches of the step and averaged over processes like DDP gradients; it is
-    the gradient of whatever is back-propagated through the LoRA branches (not clipped).
+    grad="paper": g̃ from the accumulated gradients of A and B. With `unclipped=True` (default) they are
+    copied by post-accumulate-grad hooks as backward leaves them, i.e. the task-loss gradient *before*
+    any clipping (clipping would scale each step's ω by that step's clip factor: DESIGN section 2);
+    `unclipped=False` reads `.grad` in before_step (what the optimizer applies, after clipping).
+    grad="exact": dL/dΔW from hooks on lora_A (input) and lora_B (output gradient) of every module.
+    Hook-read gradients are summed over the micro-batches of the step and averaged over processes like
+    DDP averages gradients; under fp16 loss scaling they are divided by the scaler's scale (found on an
+    accelerate optimizer's `.scaler`, or given to before_step as `grad_scale`).
     """
 
     def __init__(self, model: nn.Module, xi: float = 1e-9, clamp: str = "step", grad: str = "paper",
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, unclipped: bool = True):
         if clamp not in CLAMPS:
             raise ValueError(f"clamp must be one of {', '.join(CLAMPS)}; got {clamp!r}")
         if grad not in GRADS:
@@ -160,11 +183,13 @@ class SIRecorder:
             raise ValueError(f"xi must be a positive number, got {xi!r}")
         self.model = model
         self.xi, self.clamp, self.grad = float(xi), clamp, grad
+        self.unclipped = bool(unclipped)
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
-        self.seconds = 0.0  # wall time spent inside the recorder (its cost on top of training)
+        self._clock = _Clock()  # time spent inside the recorder (its cost on top of training): .seconds
         self.steps = 0  # optimizer steps recorded in total
         self.steps_since = 0  # ... since the last consolidation
         self.consolidations = 0
+        self.last_grad_scale = 1.0  # the loss scale divided out of hook-read gradients at the last step
         self._pending = False
         self._optimizer = None
         self._lr_of: dict[int, dict] = {}
@@ -174,8 +199,10 @@ class SIRecorder:
         for ref in refs:
             if ref.adapter in getattr(ref.module, "lora_variant", {}):
                 raise ValueError(f"module {ref.name}: LoRA variants (DoRA, ...) are not supported by SI recording")
+        self._device = refs[0].A.device
         self._groups: list[_Group] = []
         self._where: dict[str, tuple[_Group, int]] = {}
+        raw = grad == "paper" and self.unclipped
         with torch.no_grad():
             for idx in group_modules(refs):
                 rs = [refs[i] for i in idx]
@@ -187,6 +214,8 @@ class SIRecorder:
                     omega=torch.zeros(n, out_f, in_f, dtype=dt, device=dev),
                     A0=stacked([r.A for r in rs], dt), B0=stacked([r.B for r in rs], dt),
                     G=torch.zeros(n, out_f, in_f, dtype=dt, device=dev) if grad == "exact" else None,
+                    rawA=torch.zeros((n, *rs[0].A.shape), dtype=dt, device=dev) if raw else None,
+                    rawB=torch.zeros((n, *rs[0].B.shape), dtype=dt, device=dev) if raw else None,
                 )
                 self._groups.append(g)
                 for k, r in enumerate(rs):
@@ -194,6 +223,13 @@ class SIRecorder:
         self._names = [r.name for r in refs]
         if grad == "exact":
             self._install_hooks()
+        elif raw:
+            self._install_grad_copies()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent recording (hooks, before/after the step, consolidation): SI's cost over training."""
+        return self._clock.seconds
 
     @property
     def names(self) -> list[str]:
@@ -210,17 +246,31 @@ class SIRecorder:
                 self._hooks.append(la.register_forward_pre_hook(self._make_input_hook(g, k)))
                 self._hooks.append(lb.register_forward_hook(self._make_output_hook(g, k)))
 
-    @staticmethod
-    def _make_input_hook(g: _Group, k: int):
+    def _install_grad_copies(self) -> None:
+        for g in self._groups:
+            for k, ref in enumerate(g.refs):
+                self._hooks.append(ref.A.register_post_accumulate_grad_hook(self._make_copy_hook(g, "rawA", k)))
+                self._hooks.append(ref.B.register_post_accumulate_grad_hook(self._make_copy_hook(g, "rawB", k)))
+
+    def _make_copy_hook(self, g: _Group, buf: str, k: int):
+        def hook(p):
+            # Called after each micro-batch's backward adds to p.grad: after the step's last one the copy is
+            # the step's summed task gradient, before the Trainer clips p.grad in place.
+            with self._clock(self._device), torch.no_grad():
+                getattr(g, buf)[k].copy_(p.grad)
+
+        return hook
+
+    def _make_input_hook(self, g: _Group, k: int):
         def hook(module, args):
             # PEFT calls lora_B(lora_A(dropout(x))) * s: args[0] is the dropped-out input x_d.
             g.x[k] = args[0] if torch.is_grad_enabled() else None
 
         return hook
 
-    @staticmethod
-    def _make_output_hook(g: _Group, k: int):
+    def _make_output_hook(self, g: _Group, k: int):
         inv_s = 1.0 / g.refs[k].scale
+        clock, device = self._clock, self._device
 
         def hook(module, args, out):
             x, g.x[k] = g.x[k], None
@@ -229,7 +279,7 @@ class SIRecorder:
 
             def grad_hook(g_h):
                 # out h = B·A·x_d and y = s·h, so dL/dΔW = Σ_tokens g_y x_dᵀ = (1/s) Σ g_h x_dᵀ.
-                with torch.no_grad():
+                with clock(device), torch.no_grad():
                     G = g.G[k]
                     gh = g_h.reshape(-1, g_h.shape[-1]).to(G.dtype)
                     xx = x.reshape(-1, x.shape[-1]).to(G.dtype)
@@ -240,7 +290,7 @@ class SIRecorder:
         return hook
 
     def remove_hooks(self) -> None:
-        """Detach the exact-gradient hooks (the recorder can no longer record afterwards in exact mode)."""
+        """Detach the gradient hooks (the recorder can no longer record afterwards, but with unclipped=False)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -261,30 +311,37 @@ class SIRecorder:
 
     @torch.no_grad()
     @_timed
-    def before_step(self, optimizer) -> None:
-        """Read what the coming optimizer step uses: gradients of A and B (paper mode), the learning rate η of
-        lora_A's param group, and the pre-step factors A, B. Call after clipping, before optimizer.step()."""
-        if self.grad == "exact":
-            self._all_reduce_exact()
+    def before_step(self, optimizer, grad_scale: float | None = None) -> None:
+        """Read what the coming optimizer step uses: the gradients (see the class doc), the learning rate η of
+        lora_A's param group, and the pre-step factors A, B. Call before optimizer.step(). `grad_scale`: the
+        loss scale of the step's backward under fp16 (default: the scale of `optimizer.scaler`, if any)."""
+        self._follow_device()
+        scale = float(grad_scale) if grad_scale is not None else _loss_scale(optimizer)
+        self.last_grad_scale = scale
+        hooked = [t for g in self._groups for t in (g.G, g.rawA, g.rawB) if t is not None]
+        _all_reduce_mean(hooked)
+        if scale != 1.0:
+            for t in hooked:
+                t.div_(scale)
         for g in self._groups:
             g.A, g.B = g.current()
             lrs = [self._lr(optimizer, r.A) for r in g.refs]
             g.lr = lrs[0] if all(v == lrs[0] for v in lrs) else torch.tensor(
                 lrs, dtype=g.dtype, device=g.omega.device).view(-1, 1, 1)
-            if self.grad == "paper":
+            if g.rawA is not None:
+                g.gA, g.gB = g.rawA.clone(), g.rawB.clone()
+            elif self.grad == "paper":
                 g.gA = stacked([r.A.grad if r.A.grad is not None else torch.zeros_like(r.A) for r in g.refs], g.dtype)
                 g.gB = stacked([r.B.grad if r.B.grad is not None else torch.zeros_like(r.B) for r in g.refs], g.dtype)
         self._optimizer = optimizer
         self._pending = True
 
-    def _all_reduce_exact(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            for g in self._groups:  # average like DDP averages parameter gradients
-                dist.all_reduce(g.G, op=dist.ReduceOp.SUM)
-                g.G.div_(world)
+    def _follow_device(self) -> None:
+        dev = self._groups[0].refs[0].A.device
+        if dev != self._device:
+            for g in self._groups:
+                g.to(dev)
+            self._device = dev
 
     @staticmethod
     def _pseudo_grad(g: _Group) -> torch.Tensor:
@@ -303,14 +360,15 @@ class SIRecorder:
         for g in self._groups:
             if not skipped:
                 A1, B1 = g.current()
-                delta = _update(g.scale, g.A, g.B, A1, B1)
+                delta = update_delta_w(g.scale, g.A, g.B, A1, B1)
                 grad = g.G if self.grad == "exact" else self._pseudo_grad(g)
                 g.omega.addcmul_(grad, delta, value=-1.0)
                 del delta, grad
                 if self.clamp == "step":
                     g.omega.clamp_(min=0.0)
-            if g.G is not None:
-                g.G.zero_()
+            for t in (g.G, g.rawA, g.rawB):
+                if t is not None:
+                    t.zero_()
         if not skipped:
             self.steps += 1
             self.steps_since += 1
@@ -326,7 +384,18 @@ class SIRecorder:
             raise RuntimeError("exact mode does not keep the gradient after the step")
         A1, B1 = g.current()
         return (to_weight_layout(g.refs[k], self._pseudo_grad(g)[k]),
-                to_weight_layout(g.refs[k], _update(g.scale, g.A, g.B, A1, B1)[k]))
+                to_weight_layout(g.refs[k], update_delta_w(g.scale, g.A, g.B, A1, B1)[k]))
+
+    @torch.no_grad()
+    def step_moved(self) -> bool | None:
+        """Between before_step and after_step: did the optimizer change any factor? (None: nothing pending,
+        or the step was skipped.) A cheap check of the order in which a training loop calls the recorder."""
+        if not self._pending or bool(getattr(self._optimizer, "step_was_skipped", False)):
+            return None
+        if all(isinstance(g.lr, float) and g.lr == 0.0 for g in self._groups):
+            return None  # lr 0 (warm-up start): nothing may move
+        return any(not torch.equal(g.A, A1) or not torch.equal(g.B, B1) for g in self._groups
+                   for A1, B1 in [g.current()])
 
     def _slot(self, name: str) -> tuple[_Group, int]:
         if name not in self._where:
@@ -359,7 +428,7 @@ class SIRecorder:
             if self.steps_since > 0:
                 if self.clamp == "end":
                     g.omega.clamp_(min=0.0)
-                den = _update(g.scale, g.A0, g.B0, A1, B1)
+                den = update_delta_w(g.scale, g.A0, g.B0, A1, B1)
                 den.square_().add_(self.xi)
                 g.Omega.addcdiv_(g.omega, den)
                 del den
@@ -393,7 +462,8 @@ class SIRecorder:
     def _default_metadata(self) -> dict[str, str]:
         m = self.model
         meta = {"kind": "si", "xi": repr(self.xi), "clamp": self.clamp, "grad": self.grad,
-                "steps": str(self.steps), "consolidations": str(self.consolidations)}
+                "unclipped": str(self.unclipped), "steps": str(self.steps), "consolidations": str(self.consolidations),
+                "adapter_hash": adapter_fingerprint(m)}
         adapter = self._groups[0].refs[0].adapter
         pc = getattr(m, "peft_config", {}).get(adapter) if hasattr(m, "peft_config") else None
         if pc is not None:
@@ -477,6 +547,14 @@ class SIRecorder:
         self.load_state_dict(load_file(str(path)))
 
 
+def _order_error(what: str) -> str:
+    import transformers
+
+    return (f"HLoRACallback: {what}. The recorder relies on transformers 5.23's order (backward -> clip -> "
+            f"on_pre_optimizer_step -> optimizer.step -> on_optimizer_step -> zero_grad); transformers "
+            f"{transformers.__version__} differs. Install the tested versions (constraints.txt).")
+
+
 class HLoRACallback(TrainerCallback):
     """Drives an SIRecorder from inside transformers' Trainer; `.importance` holds Ω after training.
 
@@ -484,9 +562,11 @@ class HLoRACallback(TrainerCallback):
     backward of every micro-batch -> clip_grad_norm_ (if max_grad_norm > 0; otherwise a norm with
     max=inf, which also unscales fp16 gradients) -> on_pre_optimizer_step -> optimizer.step() ->
     on_optimizer_step -> lr_scheduler.step() -> model.zero_grad() -> global_step += 1 -> on_step_end ->
-    save (then on_save). So before_step runs in on_pre_optimizer_step: the gradients are the *clipped*
-    ones the optimizer applies (grad="exact" is unaffected) and the param group's lr is this step's;
-    after_step runs in on_optimizer_step (on_step_end would see zeroed gradients).
+    save (then on_save). So before_step runs in on_pre_optimizer_step, where the param group's lr is this
+    step's and the gradients exist (the recorder's hooks copied them before clipping; with
+    unclipped=False it reads the clipped ones the optimizer applies); after_step runs in on_optimizer_step
+    (on_step_end would see zeroed gradients). The first step checks that order: a transformers release
+    that calls these hooks elsewhere fails loudly instead of recording a wrong Ω.
     On resume the trainer state (global_step, epoch) and the adapter weights are restored before
     on_train_begin, which is where the recorder state is loaded back from checkpoint-<global_step>/.
     """
@@ -500,6 +580,7 @@ class HLoRACallback(TrainerCallback):
         self.state_file = state_file
         self.resume_dir = resume_dir  # where checkpoint-<step>/ folders are (default: args.output_dir)
         self.importance: Importance | None = None
+        self._order_checked = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:  # resuming from checkpoint-<global_step>
@@ -518,10 +599,20 @@ class HLoRACallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             raise RuntimeError("HLoRACallback needs the optimizer in on_pre_optimizer_step")
+        if not self._order_checked and not any(p.grad is not None for r in lora_modules(self.recorder.model)
+                                               for p in (r.A, r.B)):
+            raise RuntimeError(_order_error("on_pre_optimizer_step saw no LoRA gradient"))
         self.recorder.before_step(optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.recorder.after_step()
+        if not self._order_checked:
+            moved = self.recorder.step_moved()
+            self.recorder.after_step()
+            if moved is False:
+                raise RuntimeError(_order_error("on_optimizer_step came before the optimizer moved the adapter"))
+            self._order_checked = moved is not None
+        else:
+            self.recorder.after_step()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.consolidate == "epoch":

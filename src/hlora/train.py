@@ -1,11 +1,11 @@
-"""Run one stage with the transformers Trainer.
+"""Run one stage with the transformers Trainer, driven by the stage's method (methods/base.py).
 
-Stage ν (`general`): plain LoRA on general text; an HLoRACallback records SI importance.
-Stage μ (`domain`): LoRA on a task; the method from the registry adds its penalty to the loss.
-Nothing here branches on a method's name: a method is `penalty()` + `callbacks()`.
+Stage ν (`general`) and stage μ (`domain`) are the same code: the method attaches the adapter, may change
+the training data, adds its loss term and callbacks, and saves what it produced (HLoRA: the importance file
+in stage ν, the penalty in stage μ). Nothing here branches on a method's name or on the stage.
 
-Run directory (DESIGN section 5): config.yaml, adapter/, importance.safetensors (stage ν),
-log.jsonl, checkpoints/ (when train.save_steps > 0), DONE last. Every file is written atomically.
+Run directory (DESIGN section 5): config.yaml, adapter/, the method's files (importance.safetensors),
+log.jsonl, summary.json, checkpoints/ (when train.save_steps > 0), DONE last. Every file is written atomically.
 """
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from .config import RunConfig, dump_yaml
 from .data import get_task
-from .data.packing import PackedDataset, batches, pack
-from .files import append_jsonl, atomic_dir, write_text
+from .data.packing import general_pool, pack
+from .files import append_jsonl, write_text
 from .methods import StageContext, build_method
-from .model import attach_lora, load_adapter, load_model, model_fingerprint
+from .model import load_model, model_fingerprint
 
 
 class TrainingError(RuntimeError):
@@ -46,21 +47,25 @@ class StepStats:
 
 
 class PenaltyMixin:
-    """Adds a penalty to a transformers Trainer's loss; task loss and penalty are tracked apart.
+    """Adds a term to a transformers Trainer's loss; task loss and the term are logged apart.
 
     Mix it into any Trainer subclass (TRL's SFTTrainer too): `class T(PenaltyMixin, SFTTrainer)`.
-    The penalty is scaled like the CE so that after gradient accumulation (and DDP averaging)
-    its gradient enters each optimizer step exactly once.
+    `loss_fn(model, inputs, outputs)` sees the micro-batch and the model's outputs (a method's `loss`);
+    `penalty_fn()` is the zero-argument form (e.g. `HLoRAPenalty(...).penalty`). The term is scaled like
+    the CE, so that after gradient accumulation (and DDP averaging) a per-step penalty enters each
+    optimizer step exactly once and a per-batch term is averaged over the step's micro-batches.
     """
 
-    def __init__(self, *args, penalty_fn=None, stats: StepStats | None = None, **kwargs):
+    def __init__(self, *args, penalty_fn=None, loss_fn=None, stats: StepStats | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.penalty_fn = penalty_fn
+        if penalty_fn is not None and loss_fn is not None:
+            raise ValueError("give penalty_fn or loss_fn, not both")
+        self.loss_fn = loss_fn if loss_fn is not None else (
+            (lambda model, inputs, outputs: penalty_fn()) if penalty_fn is not None else None)
         self.stats = stats or StepStats()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = out[0] if return_outputs else out
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             self.compute_loss_func is not None
         )
@@ -72,15 +77,15 @@ class PenaltyMixin:
         # Per-step mean CE for the log (a micro-loss is a fraction of the step's loss when scaled for GA).
         self.stats.task_loss += task if scaled_for_ga else task / ga
         self.stats.tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
-        if self.penalty_fn is not None and model.training:
-            pen = self.penalty_fn()
+        if self.loss_fn is not None and model.training:
+            pen = self.loss_fn(model, inputs, outputs)
             if pen is not None:
                 p = pen.detach().float().item()
                 if not math.isfinite(p):
                     raise TrainingError(f"penalty is {p} at step {self.state.global_step + 1}")
                 self.stats.penalty += p / ga
                 loss = loss + pen * share
-        return (loss, out[1]) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
 
 
 class PenaltyTrainer(PenaltyMixin, Trainer):
@@ -120,8 +125,10 @@ class JsonlLogger(TrainerCallback):
         self.stats.reset()
 
 
-def _training_args(cfg: RunConfig, out: Path, n_examples: int) -> TrainingArguments:
+def _training_args(cfg: RunConfig, out: Path, dataset) -> TrainingArguments:
     t = cfg.train
+    ordered = bool(getattr(dataset, "ordered", False))  # a method fixed the order (e.g. replay's mix per step)
+    steps = getattr(dataset, "steps", None)  # ... and then the number of steps it laid out
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=t.batch_size,
@@ -131,9 +138,9 @@ def _training_args(cfg: RunConfig, out: Path, n_examples: int) -> TrainingArgume
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
+        max_steps=steps if steps else t.max_steps,
         max_grad_norm=t.max_grad_norm,
-        train_sampling_strategy="random" if t.shuffle else "sequential",
+        train_sampling_strategy="random" if t.shuffle and not ordered else "sequential",
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
@@ -169,12 +176,18 @@ def prepare_run_dir(out: Path, resume: bool, cfg: RunConfig) -> bool:
     return True
 
 
-def _general_batches(cfg: RunConfig, tokenizer):
-    def make():
-        ds = pack(tokenizer, get_task(cfg.general_data).train_texts(), cfg.train.seq_len, cfg.general_data)
-        return batches(ds, cfg.train.batch_size, limit=cfg.method.fisher_examples)
+def stage_context(cfg: RunConfig, stage: str, tokenizer, out: Path | None) -> StageContext:
+    """What a method sees of a stage: its config, the tokenizer, the run directory and the general pool
+    (stage ν's text and sequence length, built once, on first use)."""
+    pool = []
 
-    return make
+    def general():
+        if not pool:
+            pool.append(general_pool(tokenizer, cfg.general_data, cfg.general_seq_len or cfg.train.seq_len))
+        return pool[0]
+
+    return StageContext(stage=stage, run=cfg, tokenizer=tokenizer, out=out, general_pool=general,
+                        model_name=cfg.model.name)
 
 
 def _rank() -> int:
@@ -200,67 +213,46 @@ def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks:
 
 
 def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: list) -> Path:
-    from .si import HLoRACallback, SIRecorder
-
     if _rank() == 0:
         write_text(out / "config.yaml", dump_yaml(cfg))
-    model, tok, src = load_model(cfg.model, seed=cfg.train.seed)
+    base, tok, _ = load_model(cfg.model, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
-    if cfg.init_adapter:
-        model = load_adapter(model, cfg.init_adapter, trainable=True)
-    else:
-        model = attach_lora(model, cfg.lora)
-    task = get_task(cfg.data)
-    ds: PackedDataset = pack(tok, task.train_texts(cfg.train.max_examples), cfg.train.seq_len, cfg.data)
-
-    stats = StepStats()
-    callbacks: list = [JsonlLogger(out / "log.jsonl", stats)]
-    penalty_fn = None
-    recorder = None
     t0 = time.perf_counter()
-    if stage == "general":
-        ic = cfg.importance
-        recorder = SIRecorder(model, xi=ic.xi, clamp=ic.clamp, grad=ic.grad)
-        callbacks.append(HLoRACallback(recorder, consolidate=ic.consolidate))
-    else:
-        ctx = StageContext(model=model, importance_file=cfg.importance_file,
-                           general_batches=_general_batches(cfg, tok))
-        method = build_method(cfg.method, ctx)
-        penalty_fn = method.penalty
-        callbacks.extend(method.callbacks())
+    method = build_method(cfg.method, stage_context(cfg, stage, tok, out))
+    model = method.attach(base)
+    method.setup(model)
+    task = get_task(cfg.data)
+    ds = method.train_dataset(pack(tok, task.train_texts(cfg.train.max_examples), cfg.train.seq_len, cfg.data))
     setup_seconds = time.perf_counter() - t0
 
+    stats = StepStats()
     model.train()
     trainer = PenaltyTrainer(
-        model=model, args=_training_args(cfg, out, len(ds)), train_dataset=ds,
-        callbacks=callbacks + extra_callbacks, penalty_fn=penalty_fn, stats=stats,
+        model=model, args=_training_args(cfg, out, ds), train_dataset=ds,
+        callbacks=[JsonlLogger(out / "log.jsonl", stats), *method.callbacks(), *extra_callbacks],
+        loss_fn=method.loss, stats=stats,
     )
+    trainer.remove_callback(PrinterCallback)  # log.jsonl has the per-step numbers; no dicts on stdout
     t1 = time.perf_counter()
     trainer.train(resume_from_checkpoint=_latest_checkpoint(out) if resume else None)
     train_seconds = time.perf_counter() - t1
 
     if not trainer.is_world_process_zero():
         return out
-    with atomic_dir(out / "adapter") as tmp:
-        model.save_pretrained(str(tmp))
-    summary = {"stage": stage, "steps": trainer.state.global_step, "train_seconds": train_seconds,
-               "setup_seconds": setup_seconds, "tokens": trainer.state.global_step * cfg.train.batch_size
-               * cfg.train.grad_accum * cfg.train.seq_len * max(1, trainer.args.world_size),
+    t = cfg.train
+    steps = trainer.state.global_step
+    summary = {"stage": stage, "method": cfg.method.name, "steps": steps, "train_seconds": train_seconds,
+               "setup_seconds": setup_seconds,
+               "tokens": steps * t.batch_size * t.grad_accum * t.seq_len * max(1, trainer.args.world_size),
                "data": ds.description, "base_model": cfg.model.name, "model_hash": model_fingerprint(model)}
-    if recorder is not None:
-        cb = next(c for c in callbacks if isinstance(c, HLoRACallback))
-        imp = cb.importance
-        imp.metadata.update({
-            "base_model": cfg.model.name,
-            "targets": ",".join(cfg.lora.targets), "r": str(cfg.lora.r), "alpha": str(cfg.lora.alpha),
-            "rslora": str(cfg.lora.rslora), "xi": str(cfg.importance.xi), "clamp": cfg.importance.clamp,
-            "grad": cfg.importance.grad, "steps": str(summary["steps"]), "tokens": str(summary["tokens"]),
-            "data": json.dumps(ds.description), "seconds": f"{recorder.seconds:.4f}",
-            "train_seconds": f"{train_seconds:.3f}",
-        })
-        # ΔW^ν is the adapter saved beside it (the domain stage starts from it): not stored twice.
-        imp.save(out / "importance.safetensors", dtype=cfg.importance.dtype, reference=False)
-    write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    summary.update(method.save(model, out, summary))
+    # Tokens by kind: the stage's own data is general text (a `text` task) or domain data; a method adds the
+    # general tokens it mixed in (replay: they take part of each batch) or trained on besides (kl_general).
+    own = summary["tokens"] - method.costs.replaced_tokens
+    summary["costs"] = {**method.costs.as_dict(),
+                        "domain_tokens": 0 if task.kind == "text" else own,
+                        "general_tokens": method.costs.general_tokens + (own if task.kind == "text" else 0)}
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # finished: checkpoints are no longer needed
     write_text(out / "DONE", "")
     return out

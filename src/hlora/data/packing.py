@@ -55,3 +55,23 @@ def batches(ds: PackedDataset, batch_size: int, limit: int = 0):
     for i in range(0, n, batch_size):
         rows = [ds[j] for j in range(i, min(i + batch_size, n))]
         yield {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def general_pool(tokenizer, task: str, seq_len: int, limit: int = 0) -> PackedDataset:
+    """The general-text pool of stage ν: the training texts of `task` (e.g. "wikitext") packed into
+    `seq_len`-token sequences. Stage ν trains on it; replay, KL-to-base, the EWC Fisher and CorDA's
+    covariance draw on the same pool, so every method sees the same general data."""
+    from .tasks import get_task
+
+    return pack(tokenizer, get_task(task).train_texts(limit), seq_len, task)
+
+
+def shuffled_batches(ds: PackedDataset, batch_size: int, seed: int):
+    """Endless batches of `batch_size` sequences: a seeded permutation per pass, no sequence repeated
+    within a pass (a method drawing general batches during training)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(ds), generator=g).tolist()
+        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            rows = [ds[j] for j in order[i:i + batch_size]]
+            yield {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

@@ -1,12 +1,22 @@
-"""The one protocol every stage-μ regularizer implements, and the registry train.py looks it up in.
+"""The one protocol every method implements; train.py drives it and never asks for a method's name.
 
-train.py never branches on a method's name: it asks the registry for a Method, adds
-`method.penalty()` to the task loss, and hands `method.callbacks()` to the Trainer.
+A stage (`general` = ν, `domain` = μ) is: load the base model, `attach` an adapter, `setup`, build the
+training data and pass it through `train_dataset`, train with the transformers Trainer while
+`loss(model, inputs, outputs)` is added to the task loss (TRL's trainers override `compute_loss` with
+the same things in hand) and `callbacks()` ride along, then `save` the adapter and what the method
+produced. `evaluation(model)` is where a method may change a trained model for evaluation (WiSE-FT).
+Every hook has a neutral default, so a method overrides only what it does.
+
+Each method brings its typed config (a `MethodConfig` subclass in its own file, `config_class`) and
+counts the extra work it causes (`costs`): general tokens it trained on and tokens it ran through
+extra forward passes, so that every experiment record says what the method spent.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -16,42 +26,80 @@ from ..config import MethodConfig
 
 @dataclass
 class StageContext:
-    """What a method may need to set itself up for stage μ."""
+    """What a method may use to set itself up for one stage."""
 
-    model: nn.Module  # the PeftModel being trained
-    importance_file: str = ""  # stage-ν importance (hlora) or where a Fisher is cached (ewc)
-    general_batches: Callable[[], Any] | None = None  # iterable of {input_ids, attention_mask, labels} on general text
-    extras: dict = field(default_factory=dict)
+    stage: str  # "general" (ν) or "domain" (μ)
+    run: Any = None  # the stage's RunConfig (lora, train, data, init_adapter, importance_file, ...)
+    tokenizer: Any = None
+    out: Path | None = None  # the run directory (None: not run by train.py, e.g. a test or a notebook)
+    general_pool: Callable[[], Any] | None = None  # -> PackedDataset of general text (stage ν's data settings)
+    model_name: str = ""  # the base model as the user named it (recorded in files the method writes)
 
 
-class Method(Protocol):
-    def penalty(self) -> torch.Tensor | None:
-        """Scalar added to the task loss (None = no penalty)."""
+@dataclass
+class Costs:
+    """Work a method adds on top of plain LoRA training, counted in tokens (records carry it)."""
+
+    general_tokens: int = 0  # general-text tokens trained on (replay, KL on general batches)
+    replaced_tokens: int = 0  # of the stage's own data, the tokens whose place those took (replay)
+    extra_forward_tokens: int = 0  # tokens run through forward passes beyond the training step's own
+    extra: dict = field(default_factory=dict)  # e.g. seconds of an importance or a Fisher pass
+
+    def as_dict(self) -> dict:
+        return {"general_tokens": self.general_tokens, "replaced_tokens": self.replaced_tokens,
+                "extra_forward_tokens": self.extra_forward_tokens, **self.extra}
+
+
+class Method:
+    """Base class with neutral hooks: plain LoRA. Subclasses override what they change."""
+
+    config_class: ClassVar[type] = MethodConfig
+    stages: ClassVar[tuple[str, ...]] = ("domain",)  # the stages this method can run in
+
+    def __init__(self, cfg: MethodConfig, ctx: StageContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.costs = Costs()
+
+    # ------------------------------------------------------------------ before training
+    def attach(self, base: nn.Module) -> nn.Module:
+        """Base model -> PeftModel: continue `run.init_adapter` if set, else a fresh LoRA adapter."""
+        from ..model import attach_lora, load_adapter
+
+        run = self.ctx.run
+        if run.init_adapter:
+            return load_adapter(base, run.init_adapter, trainable=True)
+        return attach_lora(base, run.lora)
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once the adapter is attached (build penalties, recorders, reference passes)."""
+
+    def train_dataset(self, dataset):
+        """The stage's training data (packed sequences) -> what the Trainer reads. A dataset with
+        `ordered = True` is read in order (its order is the method's, e.g. a mix fixed per step)."""
+        return dataset
+
+    # ------------------------------------------------------------------ during training
+    def loss(self, model: nn.Module, inputs: dict, outputs: Any) -> torch.Tensor | None:
+        """A term added to the task loss of one micro-batch (None = nothing). It is scaled like the task
+        loss, so gradient accumulation and DDP count a per-step term once per optimizer step."""
+        return None
 
     def callbacks(self) -> list:
-        """transformers TrainerCallbacks the method needs (usually none)."""
+        """transformers TrainerCallbacks the method needs."""
+        return []
 
+    # ------------------------------------------------------------------ after training
+    def save(self, model: nn.Module, out: Path, summary: dict) -> dict:
+        """Write the adapter (PEFT format, atomically) and the method's files into the run directory;
+        `summary` holds the run's steps, tokens and data description. Returns what the run summary should
+        add about the files written."""
+        from ..files import atomic_dir
 
-_REGISTRY: dict[str, Callable[[MethodConfig, StageContext], Method]] = {}
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(str(tmp))
+        return {}
 
-
-def register(name: str):
-    def deco(factory):
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def build_method(cfg: MethodConfig, ctx: StageContext) -> Method:
-    from . import ewc, hlora, none  # noqa: F401  (registration side effect)
-
-    if cfg.name not in _REGISTRY:
-        import difflib
-
-        hint = difflib.get_close_matches(cfg.name, list(_REGISTRY), n=1)
-        raise ValueError(
-            f"unknown method {cfg.name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; known: {', '.join(sorted(_REGISTRY))}"
-        )
-    return _REGISTRY[cfg.name](cfg, ctx)
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module):
+        """Context in which `model` (base + this method's trained adapter) is evaluated."""
+        yield model

@@ -25,9 +25,8 @@ no `.grad` anywhere (gradients are taken with `torch.autograd.grad`, never `.bac
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -36,8 +35,10 @@ import torch.nn.functional as F_
 from torch import nn
 
 from ..config import MethodConfig
+from ..data.packing import batches
 from ..lora import LoraRef, delta_w, lora_modules
-from .base import StageContext, register
+from ..util import adapter_disabled, eval_mode, model_device, requires_grad
+from .base import Method
 
 # Largest per-chunk (samples × out × in) tensor of per-sample gradients (elements, fp32 → 128 MiB).
 _CHUNK_ELEMENTS = 1 << 25
@@ -46,48 +47,7 @@ _CHUNK_ELEMENTS = 1 << 25
 # ---------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _adapter_disabled(model: nn.Module):
-    """The pretrained model: PeftModel.disable_adapter() where there is one, else as it is."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode (no dropout) for the block; restore every module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
-@contextlib.contextmanager
-def _requires_grad(params: Iterable[torch.Tensor]):
-    """Temporarily make `params` require grad (so outputs depending on them carry a graph)."""
-    saved = [(p, p.requires_grad) for p in params]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(True)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _forward_inputs(batch: dict, device: torch.device, take: int | None) -> dict:
+def forward_inputs(batch: dict, device: torch.device, take: int | None) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
     out = {}
     for k in keys:
@@ -97,7 +57,7 @@ def _forward_inputs(batch: dict, device: torch.device, take: int | None) -> dict
     return out
 
 
-def _targets(batch: dict, inputs: dict, take: int | None) -> torch.Tensor:
+def masked_labels(batch: dict, inputs: dict, take: int | None) -> torch.Tensor:
     """Labels aligned with input_ids, -100 wherever a token or the one predicting it is padding.
 
     (With left padding the first real token would otherwise be "predicted" from a pad position.)
@@ -112,7 +72,7 @@ def _targets(batch: dict, inputs: dict, take: int | None) -> torch.Tensor:
     return labels
 
 
-def _per_sample_loss(
+def per_sample_loss(
     logits: torch.Tensor, labels: torch.Tensor, mode: str, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss_b per sequence = mean CE over its labelled tokens, mask of sequences that count,
@@ -188,7 +148,7 @@ def fisher_diagonal(
     if labels not in ("empirical", "sampled"):
         raise ValueError(f"fisher labels must be 'empirical' or 'sampled', got {labels!r}")
     refs = targets_of(model)
-    device = _model_device(model)
+    device = model_device(model)
     weights = {r.name: r.module.get_base_layer().weight for r in refs}
     acc = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
     captured: dict[str, list] = {r.name: [] for r in refs}  # name -> [(x, y), ...] for one batch
@@ -211,14 +171,14 @@ def fisher_diagonal(
     try:
         for r in refs:
             handles.append(r.module.get_base_layer().register_forward_hook(make_hook(r.name)))
-        with _adapter_disabled(model), _eval_mode(model), _requires_grad(weights.values()), torch.enable_grad():
+        with adapter_disabled(model), eval_mode(model), requires_grad(weights.values()), torch.enable_grad():
             for batch in batches:
                 if limit is not None and n_seen >= limit:
                     break
                 bsz = int(torch.as_tensor(batch["input_ids"]).shape[0])
                 take = None if limit is None or n_seen + bsz <= limit else limit - n_seen
-                inputs = _forward_inputs(batch, device, take)
-                target = _targets(batch, inputs, take)
+                inputs = forward_inputs(batch, device, take)
+                target = masked_labels(batch, inputs, take)
                 n_seen += int(inputs["input_ids"].shape[0])
                 for v in captured.values():
                     v.clear()
@@ -226,7 +186,7 @@ def fisher_diagonal(
                     logits = model(**inputs, use_cache=False).logits
                     if labels == "sampled" and generator is None:
                         generator = torch.Generator(device=logits.device).manual_seed(seed)
-                    loss_b, counted, n_tok = _per_sample_loss(logits, target.to(logits.device), labels, generator)
+                    loss_b, counted, n_tok = per_sample_loss(logits, target.to(logits.device), labels, generator)
                     if not bool(counted.any()):
                         continue
                     outs = [(n, i, y) for n, lst in captured.items() for i, (_, y) in enumerate(lst)]
@@ -306,156 +266,83 @@ class EWCPenalty(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.penalty()
 
-    def callbacks(self) -> list:
-        return []
+
+# ------------------------------------------------------------------------------------- the method
 
 
-# ------------------------------------------------------------------------- registry factory
+@dataclass
+class EWCConfig(MethodConfig):
+    name: str = "ewc"
+    lam: float = 0.5  # EWC-LoRA's λ (on the sample-normalised Fisher)
+    fisher: str = "empirical"  # empirical (labels = the data, EWC-LoRA's code) | sampled (labels from the model)
+    fisher_examples: int = 64  # sequences of the general pool the Fisher is estimated on
+    fisher_batch_size: int = 8  # sequences per forward pass (does not change the Fisher, only its speed)
+    fisher_file: str = ""  # cache, reused when made with the same settings; "" = <cache_dir>/fisher.safetensors
 
 
-def _base_fingerprint(model: nn.Module) -> str:
-    """Hash of the pretrained weights only: a cached Fisher is recognised whatever adapter sits on the model."""
+def _cache_key(model: nn.Module, cfg: EWCConfig, pool) -> dict:
+    """Everything that changes the Fisher: the pretrained weights, the targeted modules, the general data and
+    how it is cut, the label mode, the sample count. (Not the run's seed: the Fisher belongs to the pretrained
+    model, so every seed of an experiment shares it; "sampled" draws its labels with a fixed seed.)"""
     from ..model import model_fingerprint
 
-    return model_fingerprint(model)
+    d = getattr(pool, "description", {}) or {}
+    return {"base_hash": model_fingerprint(model), "modules": str(len(lora_modules(model))),
+            "targets": ",".join(dict.fromkeys(r.name.rsplit(".", 1)[-1] for r in lora_modules(model))),
+            "data": str(d.get("data", "")), "data_tokens": str(d.get("tokens", "")), "seq_len": str(d.get("seq_len", "")),
+            "fisher": cfg.fisher, "fisher_examples": str(cfg.fisher_examples)}
 
 
-def _cache_matches(meta: dict, cfg: MethodConfig) -> bool:
-    """A cached Fisher is reused only if it was made with the same label mode and sample cap."""
-    examples = str(cfg.fisher_examples)
-    return meta.get("fisher", cfg.fisher) == cfg.fisher and meta.get("fisher_examples", examples) == examples
+class EWC(Method):
+    """EWC-LoRA for stage μ: a fresh adapter, λ·Σ F ⊙ ΔW² with F the pretrained model's Fisher on the general
+    pool (stage ν's data and sequence length). With `fisher_file`, the Fisher is cached there and reused by
+    every cell made with the same settings (`_cache_key`); a file of another kind is never overwritten."""
 
+    config_class = EWCConfig
 
-@register("ewc")
-def build(cfg: MethodConfig, ctx: StageContext) -> EWCPenalty:
-    """EWC-LoRA for stage μ: the Fisher cached in ctx.importance_file (kind=fisher), or computed
-    from ctx.general_batches() and cached there (so an experiment computes it once for all
-    methods and seeds). A cache made with another `fisher` mode or sample count is recomputed;
-    a file of another kind (an SI importance) is never overwritten."""
-    from ..importance import Importance
+    def setup(self, model: nn.Module) -> None:
+        from ..importance import Importance
 
-    model = ctx.model
-    path = Path(ctx.importance_file) if ctx.importance_file else None
-    if path is not None and path.is_file():
-        imp = Importance.load(path)
-        if imp.kind != "fisher":
-            raise ValueError(
-                f"{path}: is an importance file of kind {imp.kind!r}, not a Fisher; method 'ewc' "
-                "needs kind 'fisher' (give it another importance_file to cache its Fisher in)"
-            )
-        if _cache_matches(imp.metadata, cfg):
-            imp.check_against(model)
-            have, mine = imp.metadata.get("base_hash"), _base_fingerprint(model)
-            if have and have != mine:
-                raise ValueError(f"{path}: Fisher of base model {have}, but this base model is {mine}")
-            return EWCPenalty(model, imp.omega, lam=cfg.lam)
-    if ctx.general_batches is None:
-        raise ValueError("method 'ewc' needs general text to compute its Fisher (no general_batches given)")
-    stats: dict = {}
-    t0 = time.perf_counter()
-    fisher = fisher_diagonal(
-        model, ctx.general_batches(), labels=cfg.fisher, max_examples=cfg.fisher_examples or None, stats=stats
-    )
-    seconds = time.perf_counter() - t0
-    if path is not None:
-        refs = lora_modules(model)
-        meta = {
-            "kind": "fisher",
-            "fisher": cfg.fisher,
-            "fisher_examples": str(cfg.fisher_examples),
-            "examples": str(stats["examples"]),
-            "tokens": str(stats["tokens"]),
-            "loss": "mean token cross-entropy per sequence; F normalised by the number of sequences",
-            "targets": ",".join(dict.fromkeys(r.name.rsplit(".", 1)[-1] for r in refs)),
-            "base_hash": _base_fingerprint(model),
-            "seconds": f"{seconds:.6f}",
-        }
-        if "data" in ctx.extras:
-            meta["data"] = str(ctx.extras["data"])
-        Importance({k: v.detach().cpu() for k, v in fisher.items()}, metadata=meta).save(path)
-    return EWCPenalty(model, fisher, lam=cfg.lam)
+        c = self.cfg
+        if c.fisher not in ("empirical", "sampled"):
+            raise ValueError(f"fisher must be 'empirical' or 'sampled', got {c.fisher!r}")
+        if self.ctx.general_pool is None:
+            raise ValueError("method 'ewc' needs general text to compute its Fisher (no general pool given)")
+        pool = self.ctx.general_pool()
+        key = _cache_key(model, c, pool)
+        cache = self.ctx.run.cache_dir if self.ctx.run is not None else ""
+        path = Path(c.fisher_file) if c.fisher_file else (Path(cache) / "fisher.safetensors" if cache else None)
+        self.fisher_path, self.fisher_seconds = path, 0.0
+        if path is not None and path.is_file():
+            imp = Importance.load(path)
+            if imp.kind != "fisher":
+                raise ValueError(
+                    f"{path}: is an importance file of kind {imp.kind!r}, not a Fisher; method 'ewc' needs "
+                    "kind 'fisher' (give it another fisher_file to cache its Fisher in)")
+            if all(imp.metadata.get(k) == v for k, v in key.items()):
+                imp.check_against(model)
+                self.fisher_seconds = float(imp.metadata.get("seconds", "nan"))
+                self.penalty = EWCPenalty(model, imp.omega, lam=c.lam)
+                return
+        stats: dict = {}
+        t0 = time.perf_counter()
+        fisher = fisher_diagonal(model, batches(pool, c.fisher_batch_size, limit=c.fisher_examples), labels=c.fisher,
+                                 max_examples=c.fisher_examples or None, seed=0, stats=stats)
+        self.fisher_seconds = time.perf_counter() - t0
+        self.costs.extra_forward_tokens += stats["tokens"]  # one forward+backward per Fisher sequence
+        if path is not None:
+            meta = {"kind": "fisher", **key, "examples": str(stats["examples"]), "tokens": str(stats["tokens"]),
+                    "loss": "mean token cross-entropy per sequence; F normalised by the number of sequences",
+                    "seconds": f"{self.fisher_seconds:.6f}"}
+            Importance({k: v.detach().cpu() for k, v in fisher.items()}, metadata=meta).save(path)
+        self.penalty = EWCPenalty(model, fisher, lam=c.lam)
 
+    def loss(self, model, inputs, outputs):
+        return self.penalty.penalty()
 
-# ---------------------------------------------------------------- cost of a full-model Fisher
-
-
-def full_fisher_cost(
-    model: nn.Module,
-    batches: Iterable[dict],
-    n_examples: int = 2,
-    fisher_examples: int = 64,
-    targets: list[str] | None = None,
-) -> dict:
-    """What a diagonal Fisher of *all* pretrained parameters (fp32) would cost, vs the targeted one.
-
-    `model` is the pretrained model, with or without a LoRA adapter (adapter parameters are not
-    counted and the adapter is switched off). Storage is exact: 4 bytes × parameter count. Time is
-    measured: per-sample gradients of every parameter for `n_examples` sequences, squared and
-    accumulated into a full-size buffer, extrapolated linearly to `fisher_examples` sequences (the
-    number the LoRA Fisher uses). This uses one backward per sample — acceptable here because it is
-    only a cost measurement (and is what a plain full-model EWC implementation does).
-    The targeted-only Fisher size comes from the LoRA modules, or, for a model without an adapter,
-    from the modules whose last name component is in `targets` (e.g. ["q_proj", "v_proj"]).
-
-    Keys: n_params, full_bytes, targeted_params, targeted_bytes, targeted_fraction, examples_timed,
-    seconds_per_example, fisher_examples, full_seconds (= seconds_per_example × fisher_examples).
-    """
-    base_params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
-    n_params = sum(p.numel() for _, p in base_params)
-    if targets is not None:
-        wanted = set(targets)
-        targeted = sum(
-            m.weight.numel()
-            for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] in wanted and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and "lora_" not in n
-        )
-    else:
-        try:
-            targeted = sum(r.base_weight.numel() for r in lora_modules(model))
-        except ValueError:  # no adapter and no target names: unknown
-            targeted = None
-    device = _model_device(model)
-    params = [p for _, p in base_params]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    timed = 0
-    seconds = 0.0
-    with _adapter_disabled(model), _eval_mode(model), _requires_grad(params), torch.enable_grad():
-        for batch in batches:
-            bsz = int(torch.as_tensor(batch["input_ids"]).shape[0])
-            for b in range(bsz):
-                if timed >= n_examples:
-                    break
-                one = {k: torch.as_tensor(v)[b : b + 1] for k, v in batch.items() if v is not None}
-                inputs = _forward_inputs(one, device, None)
-                target = _targets(one, inputs, None)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                logits = model(**inputs, use_cache=False).logits
-                loss, counted, _ = _per_sample_loss(logits, target, "empirical", None)
-                if not bool(counted.any()):
-                    continue
-                grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-                for a, g in zip(acc, grads):
-                    if g is not None:
-                        a += g.float().pow(2)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds += time.perf_counter() - t0
-                timed += 1
-            if timed >= n_examples:
-                break
-    del acc
-    per = seconds / timed if timed else math.nan
-    return {
-        "n_params": n_params,
-        "full_bytes": 4 * n_params,
-        "targeted_params": targeted,
-        "targeted_bytes": None if targeted is None else 4 * targeted,
-        "targeted_fraction": None if targeted is None or not n_params else targeted / n_params,
-        "examples_timed": timed,
-        "seconds_per_example": per,
-        "fisher_examples": fisher_examples,
-        "full_seconds": per * fisher_examples,
-    }
+    def save(self, model: nn.Module, out: Path, summary: dict) -> dict:
+        info = super().save(model, out, summary)
+        info.update(importance_seconds=self.fisher_seconds, importance_kind="fisher",
+                    importance_bytes=self.fisher_path.stat().st_size if self.fisher_path and self.fisher_path.is_file()
+                    else 4 * sum(f.numel() for f in self.penalty.fisher().values()))
+        return info

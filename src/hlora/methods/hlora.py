@@ -1,8 +1,17 @@
-"""HLoRA's stage-μ penalty (paper eqs. 14–16, DESIGN section 2):
+"""HLoRA (paper sections 4–5, DESIGN section 2): one method, two stages.
+
+Stage ν (`general`): plain LoRA on general text while an SIRecorder (si.py) records the element-wise
+importance Ω of ΔW; the run directory gets `importance.safetensors` beside the adapter (ΔW^ν).
+Stage μ (`domain`): the same adapter continues on domain data with
 
     penalty = φ · Σ_l w_l · Σ_i Ω_{l,i} · (ΔW_{l,i} − ΔW^ν_{l,i})²
     w = softmax_l(‖Ω_l‖_F · layer_scale)      (layer_weighting="softmax")
-    w_l = 1/L, L = number of transformer blocks (layer_weighting="uniform": the "-layer" ablation)
+    w_l = 1/M over the M weighted groups      (layer_weighting="uniform": the "-layer" ablation; the
+                                               weights sum to 1 like the softmax's, so φ means the same)
+
+`omega_norm="mean"` (beyond the paper) divides Ω by its mean over all elements of all modules before
+use: the penalty is then φ times an Ω-weighted squared drift in ΔW's own units, so the useful φ no longer
+depends on the model and the run (raw Ω spans 1e3–1e5 per module on SmolLM2 and ~1e-2 on tiny models).
 
 Modules of equal shape are stacked into groups (as in the SI recorder), and each group's term is a
 custom autograd function that keeps nothing ΔW-sized between forward and backward: the forward forms
@@ -12,21 +21,25 @@ dA = s·Bᵀ·(2wΩ⊙D), dB = s·(2wΩ⊙D)·Aᵀ: a handful of batched kernels
 """
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import MethodConfig
 from ..importance import Importance
-from ..lora import lora_modules, to_weight_layout
-from ..si import batched_delta_w, group_modules, stacked
-from .base import StageContext, register
+from ..lora import adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked, to_weight_layout
+from .base import Method
 
 WEIGHTINGS = ("softmax", "uniform")
 GROUPS = ("module", "block")
+NORMS = ("none", "mean")
 
 
 class _WeightedSquaredDrift(torch.autograd.Function):
@@ -77,12 +90,18 @@ class HLoRAPenalty(nn.Module):
 
     importance: an Importance or the path of an importance file (checked against `model`).
     reference: ΔW^ν per module (mapping name -> tensor in the base weight's layout), or "current" for the
-        ΔW at construction; default: the importance file's references, else the ΔW at construction.
+        ΔW at construction; default: the importance file's references, else the ΔW at construction, which
+        must then be the adapter the importance was recorded against (its `adapter_hash`): starting stage μ
+        from another adapter (a fresh one, another run's) would pull toward the wrong ΔW^ν, so it is refused.
+    omega_norm: "none" (the paper's Ω) or "mean" (Ω divided by its mean over all elements: scale-free φ).
     """
 
     def __init__(self, model: nn.Module, importance: Importance | str | Path, reference=None, phi: float = 1e-3,
-                 layer_weighting: str = "softmax", layer_scale=1e-8, layer_group: str = "module"):
+                 layer_weighting: str = "softmax", layer_scale=1e-8, layer_group: str = "module",
+                 omega_norm: str = "none"):
         super().__init__()
+        if omega_norm not in NORMS:
+            raise ValueError(f"omega_norm must be one of {', '.join(NORMS)}; got {omega_norm!r}")
         if layer_weighting not in WEIGHTINGS:
             raise ValueError(f"layer_weighting must be one of {', '.join(WEIGHTINGS)}; got {layer_weighting!r}")
         if layer_group not in GROUPS:
@@ -94,14 +113,18 @@ class HLoRAPenalty(nn.Module):
             importance = Importance.load(importance)
         importance.check_against(model)
         self.phi = phi
-        self.layer_weighting, self.layer_group = layer_weighting, layer_group
+        self.layer_weighting, self.layer_group, self.omega_norm = layer_weighting, layer_group, omega_norm
         self.layer_scale = _parse_layer_scale(layer_scale)
         self.importance_metadata = dict(importance.metadata)
         refs = lora_modules(model)
         object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
 
         if reference is None:
-            reference = importance.reference if importance.reference else "current"
+            if importance.reference:
+                reference = importance.reference
+            else:
+                _check_reference_adapter(importance, model)
+                reference = "current"
         if isinstance(reference, Importance):
             reference = reference.reference
         if isinstance(reference, str):
@@ -131,12 +154,15 @@ class HLoRAPenalty(nn.Module):
                         have = tuple(reference[r.name].shape)
                         raise ValueError(f"reference for module {r.name}: shape {have} != {want}")
             self._groups: list[list[int]] = group_modules(refs)
+            self.omega_mean = _omega_mean(importance) if omega_norm == "mean" else 1.0
             for gi, idx in enumerate(self._groups):
                 rs = [refs[i] for i in idx]
                 dev = rs[0].A.device
                 # to_weight_layout is its own inverse: base layout -> out x in
                 om = torch.stack([to_weight_layout(r, importance.omega[r.name]).to(device=dev, dtype=torch.float32)
                                   for r in rs])
+                if omega_norm == "mean":
+                    om.div_(self.omega_mean)
                 if current is not None:
                     ref = torch.stack([current[r.name] for r in rs])
                 else:
@@ -161,8 +187,10 @@ class HLoRAPenalty(nn.Module):
         refs = self._refs
         blocks = [r.block for r in refs]
         if self.layer_weighting == "uniform":
-            L = len(set(blocks))  # number of transformer blocks holding LoRA modules
-            return [1.0 / L] * len(refs)
+            # 1/M over the M weighted groups, summing to 1 like the softmax (the reference code's 1/L per
+            # module sums to 2 with q and v targeted: the "-layer" ablation would double φ)
+            M = len(refs) if self.layer_group == "module" else len(set(blocks))
+            return [1.0 / M] * len(refs)
         norms_m = importance.layer_norms("module")
         if self.layer_group == "module":
             keys = [r.name for r in refs]
@@ -173,7 +201,7 @@ class HLoRAPenalty(nn.Module):
             keys = sorted(set(blocks))
             norms = [bn[b] for b in keys]
             idx = [keys.index(b) for b in blocks]
-        t = torch.tensor(norms, dtype=torch.float64)
+        t = torch.tensor(norms, dtype=torch.float64) / self.omega_mean  # norms of the Ω the penalty uses
         if self.layer_scale == "auto":
             mean = float(t.mean())
             scale = 1.0 / mean if mean > 0 else 0.0
@@ -190,6 +218,7 @@ class HLoRAPenalty(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """φ · Σ_l w_l · Σ_i Ω_{l,i} (ΔW_{l,i} − ΔW^ν_{l,i})², differentiable w.r.t. every A and B."""
+        self._follow_device()
         total = None
         for gi, idx in enumerate(self._groups):
             rs = [self._refs[i] for i in idx]
@@ -200,22 +229,106 @@ class HLoRAPenalty(nn.Module):
             total = term if total is None else total + term.to(total.device)
         return total * self.phi
 
+    def _follow_device(self) -> None:
+        """Keep each group's buffers where its modules are (the Trainer may move the model after this was
+        built, e.g. each DDP rank to its own GPU)."""
+        for gi, idx in enumerate(self._groups):
+            dev = self._refs[idx[0]].A.device
+            if getattr(self, f"omega_{gi}").device != dev:
+                for part in ("omega", "ref", "scale", "weight"):
+                    setattr(self, f"{part}_{gi}", getattr(self, f"{part}_{gi}").to(dev))
+
     def forward(self) -> torch.Tensor:
         return self.penalty()
 
-    def callbacks(self) -> list:
-        return []
-
     def extra_repr(self) -> str:
         return (f"modules={len(self._refs)}, phi={self.phi}, layer_weighting={self.layer_weighting}, "
-                f"layer_scale={self.layer_scale}, layer_group={self.layer_group}")
+                f"layer_scale={self.layer_scale}, layer_group={self.layer_group}, omega_norm={self.omega_norm}")
 
 
-@register("hlora")
-def build(cfg: MethodConfig, ctx: StageContext) -> HLoRAPenalty:
-    if not ctx.importance_file:
-        raise ValueError("method 'hlora' needs importance_file: the importance.safetensors written by `hlora general`")
-    imp = Importance.load(ctx.importance_file)
-    imp.check_against(ctx.model)
-    return HLoRAPenalty(ctx.model, imp, phi=cfg.phi, layer_weighting=cfg.layer_weighting,
-                        layer_scale=cfg.layer_scale, layer_group=cfg.layer_group)
+def _omega_mean(importance: Importance) -> float:
+    total = sum(float(t.double().sum()) for t in importance.omega.values())
+    mean = total / max(importance.numel, 1)
+    if not mean > 0:
+        raise ValueError(f"{importance._where()}: Ω is all zero; omega_norm='mean' needs a recorded importance")
+    return mean
+
+
+def _check_reference_adapter(importance: Importance, model: nn.Module) -> None:
+    """The importance holds no ΔW^ν, so the adapter as it stands is the reference: refuse an adapter other than
+    the one the importance was recorded against (a forgotten --init-adapter pulls toward ΔW = 0)."""
+    want = importance.metadata.get("adapter_hash")
+    have = adapter_fingerprint(model)
+    where = importance._where()
+    if not want:
+        warnings.warn(f"{where} names no adapter (written before hlora recorded adapter_hash): cannot check that "
+                      "the model's adapter is the stage-ν adapter it belongs to", stacklevel=3)
+    elif want != have:
+        raise ValueError(
+            f"{where} was recorded against adapter {want}, but the model's adapter is {have}: stage μ must start "
+            "from the stage-ν adapter saved beside that importance file (hlora domain --init-adapter <ν run>/adapter)"
+        )
+
+
+# ------------------------------------------------------------------------------------- the method
+
+
+@dataclass
+class HLoRAConfig(MethodConfig):
+    name: str = "hlora"
+    # stage μ: the penalty
+    phi: float = 1e-3  # paper's regularization coefficient
+    layer_weighting: str = "softmax"  # softmax | uniform (ablation "-layer")
+    layer_scale: Any = 1e-8  # float (reference code) or "auto" = 1/mean_l ||Omega_l||
+    layer_group: str = "module"  # module | block
+    omega_norm: str = "none"  # none (paper) | mean (scale-free φ; beyond the paper)
+    # stage ν: the importance recording
+    xi: float = 1e-9  # paper eq. 13 damping
+    clamp: str = "step"  # step (reference code) | end (SI original) | none
+    grad: str = "paper"  # paper (eq. 11 pseudo-gradient) | exact
+    unclipped: bool = True  # Ω from the task-loss gradient before clipping (false: the clipped one)
+    consolidate: str = "end"  # end | epoch
+    importance_dtype: str = "float32"  # on-disk dtype of Omega: float32 | float16 | bfloat16
+
+
+class HLoRA(Method):
+    config_class = HLoRAConfig
+    stages = ("general", "domain")
+
+    def setup(self, model: nn.Module) -> None:
+        from ..si import HLoRACallback, SIRecorder
+
+        c = self.cfg
+        self.penalty = self.recorder = self.callback = None
+        if self.ctx.stage == "general":
+            self.recorder = SIRecorder(model, xi=c.xi, clamp=c.clamp, grad=c.grad, unclipped=c.unclipped)
+            self.callback = HLoRACallback(self.recorder, consolidate=c.consolidate)
+            return
+        path = self.ctx.run.importance_file if self.ctx.run is not None else ""
+        if not path:
+            raise ValueError("method 'hlora' needs importance_file: the importance.safetensors written by `hlora general`")
+        self.penalty = HLoRAPenalty(model, Importance.load(path), phi=c.phi, layer_weighting=c.layer_weighting,
+                                    layer_scale=c.layer_scale, layer_group=c.layer_group, omega_norm=c.omega_norm)
+
+    def loss(self, model, inputs, outputs):
+        return self.penalty.penalty() if self.penalty is not None else None
+
+    def callbacks(self) -> list:
+        return [self.callback] if self.callback is not None else []
+
+    def save(self, model: nn.Module, out: Path, summary: dict) -> dict:
+        info = super().save(model, out, summary)
+        if self.recorder is None:
+            return info
+        run, c = self.ctx.run, self.cfg
+        imp = self.callback.importance
+        imp.metadata.update({
+            "base_model": self.ctx.model_name or imp.metadata.get("base_model", ""),
+            "targets": ",".join(run.lora.targets), "r": str(run.lora.r), "alpha": str(run.lora.alpha),
+            "rslora": str(run.lora.rslora), "steps": str(summary["steps"]), "tokens": str(summary["tokens"]),
+            "data": json.dumps(summary["data"]), "seconds": f"{self.recorder.seconds:.4f}",
+        })
+        # ΔW^ν is the adapter saved beside it (stage μ starts from it, checked by adapter_hash): not stored twice.
+        path = imp.save(out / "importance.safetensors", dtype=c.importance_dtype, reference=False)
+        self.costs.extra["importance_seconds"] = self.recorder.seconds
+        return {**info, "importance_seconds": self.recorder.seconds, "importance_bytes": path.stat().st_size}

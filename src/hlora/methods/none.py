@@ -1,18 +1,18 @@
-"""No regularizer: plain LoRA (LoRA(μ), LoRA(ν+μ), rsLoRA, the '-layer,element' ablation)."""
+"""No regularizer: plain LoRA (LoRA(μ), LoRA(ν+μ), rsLoRA, the '-layer,element' ablation, or stage ν
+without importance recording)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import MethodConfig
-from .base import StageContext, register
+from .base import Method
 
 
-class NoPenalty:
-    def penalty(self):
-        return None
-
-    def callbacks(self):
-        return []
+@dataclass
+class PlainConfig(MethodConfig):
+    name: str = "none"
 
 
-@register("none")
-def build(cfg: MethodConfig, ctx: StageContext) -> NoPenalty:
-    return NoPenalty()
+class Plain(Method):
+    config_class = PlainConfig
+    stages = ("general", "domain")

@@ -6,16 +6,15 @@ import math
 import pytest
 import torch
 
-import hlora.si as si
-from hlora.config import LoraConfig, MethodConfig
+import hlora.lora as lora
+from hlora.config import ConfigError, LoraConfig, RunConfig, method_config
 from hlora.importance import Importance
 from hlora.lora import block_index, lora_modules
-from hlora.methods.base import _REGISTRY, StageContext
-from hlora.methods.hlora import HLoRAPenalty
-from hlora.methods.hlora import build as build_hlora
+from hlora.methods import REGISTRY, StageContext, build_method
+from hlora.methods.hlora import HLoRAConfig, HLoRAPenalty
 from hlora.model import attach_lora
 from hlora.si import SIRecorder
-from hlora.testing import TINY_TARGETS, tiny_model
+from hlora.tiny import TINY_TARGETS, tiny_model
 
 ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
 N_BLOCKS = 2  # tiny models have two transformer blocks
@@ -61,7 +60,7 @@ def synthetic(model, seed: int = 0, spread: float = 1.0) -> Importance:
 def grouping(request, monkeypatch):
     """One module per group (the CPU default) and equal shapes stacked (the GPU default)."""
     if request.param == "stacked":
-        monkeypatch.setattr(si, "CPU_CHUNK_ELEMENTS", si.CHUNK_ELEMENTS)
+        monkeypatch.setattr(lora, "CPU_CHUNK_ELEMENTS", lora.CHUNK_ELEMENTS)
     return request.param
 
 
@@ -102,10 +101,25 @@ def test_penalty_is_zero_at_reference(arch, grouping):
     with torch.no_grad():
         lora_modules(model)[0].B.add_(0.01)
     assert pen.penalty().item() > 0.0
-    # reference="current" and a missing file reference both mean "ΔW now"
+    # reference="current" means "ΔW now"
     assert HLoRAPenalty(model, imp, reference="current").penalty().item() == 0.0
+
+
+def test_missing_reference_must_be_the_recorded_adapter():
+    """Without ΔW^ν in the file the adapter as it stands is the reference: it must be the adapter the
+    importance was recorded against (adapter_hash); another one (a forgotten --init-adapter) is refused."""
+    model = make_model("tiny-llama")
+    imp = recorded(model)
     no_ref = Importance(imp.omega, None, imp.metadata)
     assert HLoRAPenalty(model, no_ref).penalty().item() == 0.0
+    with torch.no_grad():
+        lora_modules(model)[0].B.add_(0.01)
+    with pytest.raises(ValueError, match=f"recorded against adapter {imp.metadata['adapter_hash']}, but the model's "
+                                         "adapter is [0-9a-f]{16}"):
+        HLoRAPenalty(model, no_ref)
+    fresh = attach_lora(tiny_model("tiny-llama"), LoraConfig(targets=TINY_TARGETS["tiny-llama"], r=4, alpha=8))
+    with pytest.raises(ValueError, match="--init-adapter"):
+        HLoRAPenalty(fresh, no_ref)
 
 
 @pytest.mark.parametrize(
@@ -120,7 +134,7 @@ def test_penalty_value_and_gradients_match_independent_formula(arch, weighting, 
     phi = 0.37
     pen = HLoRAPenalty(model, imp, phi=phi, layer_weighting=weighting, layer_scale=scale, layer_group=group)
     if weighting == "uniform":
-        weights = {r.name: 1.0 / N_BLOCKS for r in lora_modules(model)}
+        weights = {r.name: 1.0 / len(lora_modules(model)) for r in lora_modules(model)}
     else:
         norms = [math.sqrt(float((t.double() ** 2).sum())) for t in imp.omega.values()]
         if group == "block":
@@ -183,9 +197,13 @@ def test_layer_weights(arch):
     for n in names:
         assert wb[n] == blocks[block_index(n)]
 
+    # the "-layer" ablation: equal weights that sum to 1 like the softmax's (1/M over the M weighted modules;
+    # the reference code's 1/L per module would sum to the modules per block and scale φ by it)
     wu = HLoRAPenalty(model, imp, layer_weighting="uniform").layer_weights()
-    assert all(v == 1.0 / N_BLOCKS for v in wu.values())
-    assert sum(wu.values()) == pytest.approx(per_block)  # the paper's ablation: sums to modules per block
+    assert all(v == 1.0 / len(names) for v in wu.values())
+    assert sum(wu.values()) == pytest.approx(1.0)
+    wub = HLoRAPenalty(model, imp, layer_weighting="uniform", layer_group="block").layer_weights()
+    assert all(v == 1.0 / N_BLOCKS for v in wub.values()) and per_block * N_BLOCKS == len(names)
 
 
 def test_penalty_pulls_back_to_reference():
@@ -208,18 +226,74 @@ def test_registry_build(tmp_path):
     model = make_model("tiny-llama")
     path = tmp_path / "importance.safetensors"
     recorded(model).save(path)
-    assert "hlora" in _REGISTRY
-    cfg = MethodConfig(name="hlora", phi=0.5, layer_weighting="softmax", layer_scale="auto", layer_group="block")
-    method = _REGISTRY["hlora"](cfg, StageContext(model=model, importance_file=str(path)))
+    assert "hlora" in REGISTRY
+    cfg = method_config("hlora", phi=0.5, layer_weighting="softmax", layer_scale="auto", layer_group="block")
+    assert isinstance(cfg, HLoRAConfig)
+
+    def build(c, m=model, f=str(path)):
+        method = build_method(c, StageContext(stage="domain", run=RunConfig(importance_file=f)))
+        method.setup(m)
+        return method
+
+    method = build(cfg)
     assert method.callbacks() == []
-    assert method.phi == 0.5 and method.layer_group == "block"
-    assert method.penalty().item() == 0.0  # the file's reference is the adapter as it stands
+    assert method.penalty.phi == 0.5 and method.penalty.layer_group == "block"
+    assert method.loss(model, {}, None).item() == 0.0  # the file's reference is the adapter as it stands
     with pytest.raises(ValueError, match="importance_file"):
-        build_hlora(cfg, StageContext(model=model, importance_file=""))
+        build(cfg, f="")
     other = make_model("tiny-gpt2")
     with pytest.raises(ValueError, match="importance"):
-        build_hlora(cfg, StageContext(model=other, importance_file=str(path)))
+        build(cfg, m=other)
     with pytest.raises(ValueError, match="layer_scale"):
-        build_hlora(MethodConfig(layer_scale="big"), StageContext(model=model, importance_file=str(path)))
+        build(method_config("hlora", layer_scale="big"))
     with pytest.raises(ValueError, match="layer_weighting"):
-        build_hlora(MethodConfig(layer_weighting="max"), StageContext(model=model, importance_file=str(path)))
+        build(method_config("hlora", layer_weighting="max"))
+    with pytest.raises(ConfigError, match="unknown key 'lam'"):
+        method_config("hlora", lam=1.0)  # another method's field is an error, not ignored
+
+
+def test_stage_nu_records_importance_and_stage_mu_penalises(tmp_path):
+    """HLoRA's two halves are one method: in stage ν it brings the recorder's callback and saves the importance
+    beside the adapter; in stage μ its loss is the penalty."""
+    model = make_model("tiny-llama")
+    run = RunConfig(lora=LoraConfig(targets=TINY_TARGETS["tiny-llama"], r=4, alpha=8))
+    nu = build_method(method_config("hlora"), StageContext(stage="general", run=run, model_name="tiny-llama"))
+    nu.setup(model)
+    (cb,) = nu.callbacks()
+    assert nu.loss(model, {}, None) is None
+    cb.importance = recorded(model)
+    info = nu.save(model, tmp_path, {"steps": 3, "tokens": 96, "data": {"data": "x"}})
+    imp = Importance.load(tmp_path / "importance.safetensors")
+    assert info["importance_bytes"] == (tmp_path / "importance.safetensors").stat().st_size
+    assert imp.metadata["steps"] == "3" and imp.metadata["base_model"] == "tiny-llama" and not imp.reference
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    mu = build_method(method_config("hlora", phi=2.0), StageContext(
+        stage="domain", run=RunConfig(importance_file=str(tmp_path / "importance.safetensors"))))
+    mu.setup(model)
+    with torch.no_grad():
+        lora_modules(model)[0].B.add_(0.01)
+    assert mu.callbacks() == [] and mu.loss(model, {}, None).item() > 0
+
+
+def test_mean_normalised_omega_is_scale_free():
+    """omega_norm="mean": Ω / mean(Ω) over every element, so scaling Ω by any factor leaves the penalty alone."""
+    model = make_model("tiny-llama")
+    imp = synthetic(model, spread=1.0)
+    big = Importance({k: v * 1e6 for k, v in imp.omega.items()}, imp.reference, imp.metadata)
+    with torch.no_grad():
+        lora_modules(model)[1].B.add_(0.01)
+    a = HLoRAPenalty(model, imp, phi=0.3, omega_norm="mean").penalty()
+    b = HLoRAPenalty(model, big, phi=0.3, omega_norm="mean").penalty()
+    mean = sum(float(v.double().sum()) for v in imp.omega.values()) / sum(v.numel() for v in imp.omega.values())
+    plain = HLoRAPenalty(model, imp, phi=0.3 / mean).penalty()
+    assert a.item() == pytest.approx(b.item(), rel=1e-5) and a.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+def test_penalty_buffers_follow_the_model(tmp_path):
+    """Built on one device, the penalty follows the adapter when the model moves (a DDP rank's GPU); the meta
+    device stands in for a second device on a CPU-only machine."""
+    model = make_model("tiny-llama")
+    pen = HLoRAPenalty(model, synthetic(model), phi=1.0)
+    model.to("meta")
+    val = pen.penalty()
+    assert val.device.type == "meta" and pen.omega_0.device.type == "meta"

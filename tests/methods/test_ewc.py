@@ -4,14 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hlora.config import LoraConfig, MethodConfig
+from hlora.config import LoraConfig, RunConfig, method_config
 from hlora.lora import lora_modules
-from hlora.methods import StageContext
-from hlora.methods.base import _REGISTRY
+from hlora.methods import StageContext, build_method
 from hlora.methods import ewc
-from hlora.methods.ewc import EWCPenalty, fisher_diagonal, full_fisher_cost
+from hlora.bench import full_fisher_cost
+from hlora.methods.ewc import EWCPenalty, fisher_diagonal
 from hlora.model import attach_lora
-from hlora.testing import TINY_TARGETS, tiny_model
+from hlora.tiny import TINY_TARGETS, tiny_model
 
 ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
 
@@ -81,10 +81,26 @@ def _reference_fisher(model, samples):
     return {r.name: a / n for r, a in zip(refs, acc)}
 
 
-def _build(cfg, ctx):
-    """The factory registered under "ewc" (what build_method(cfg, ctx) calls for cfg.name == "ewc")."""
-    assert cfg.name == "ewc"
-    return _REGISTRY["ewc"](cfg, ctx)
+class _Pool(list):
+    """A general pool as the method sees it: indexable rows (padded to one length) with a description."""
+
+    def __init__(self, batches, description=None):
+        super().__init__({k: b[k][i] for k in b} for b in batches for i in range(b["input_ids"].shape[0]))
+        self.description = description or {"data": "test-pool", "tokens": 60, "seq_len": 12}
+
+
+def _pad_all(samples):
+    return _batches(samples, batch_size=len(samples))  # one padded length for every row
+
+
+def _build(cfg, model, pool, fisher_file="", cache_dir=""):
+    """build_method + setup, as train.py does for `--method ewc`; returns the EWCPenalty it set up."""
+    cfg.fisher_file = str(fisher_file) if fisher_file else ""
+    method = build_method(cfg, StageContext(stage="domain", run=RunConfig(cache_dir=str(cache_dir)),
+                                            general_pool=lambda: pool))
+    method.setup(model)
+    assert method.callbacks() == []
+    return method.penalty
 
 
 def _vocab(model) -> int:
@@ -188,7 +204,6 @@ def test_penalty_zero_for_fresh_adapter_and_gradients_match_formula(arch):
     fisher = {r.name: torch.rand(r.base_weight.shape, generator=g) for r in refs}
     pen = EWCPenalty(model, fisher, lam=0.7)
     assert pen.penalty().item() == 0.0  # PEFT initialises B = 0, so ΔW = 0
-    assert pen.callbacks() == []
     with torch.no_grad():
         for r in refs:
             r.B.normal_(generator=g)
@@ -220,7 +235,7 @@ def test_registry_computes_saves_and_reloads_fisher(tmp_path, monkeypatch):
     from hlora.importance import Importance
 
     model = _peft("tiny-gpt2")
-    batches = _batches(_samples(_vocab(model)))
+    pool = _Pool(_pad_all(_samples(_vocab(model))))
     calls = []
     real = ewc.fisher_diagonal
 
@@ -230,21 +245,19 @@ def test_registry_computes_saves_and_reloads_fisher(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ewc, "fisher_diagonal", counting)
     path = tmp_path / "fisher.safetensors"
-    cfg = MethodConfig(name="ewc", lam=0.5, fisher="empirical", fisher_examples=4)
-    ctx = StageContext(model=model, importance_file=str(path), general_batches=lambda: iter(batches))
+    cfg = method_config("ewc", lam=0.5, fisher="empirical", fisher_examples=4)
 
-    first = _build(cfg, ctx)
+    first = _build(cfg, model, pool, fisher_file=path)
     assert len(calls) == 1 and path.is_file()
-    assert first.callbacks() == []
     imp = Importance.load(path)
     assert imp.kind == "fisher" and imp.metadata["fisher"] == "empirical"
     assert float(imp.metadata["seconds"]) > 0 and imp.metadata["examples"] == "4"
     imp.check_against(model)
-    direct = real(model, batches, max_examples=4)
+    direct = real(model, _batches(_samples(_vocab(model))), max_examples=4)
     for r in lora_modules(model):
         torch.testing.assert_close(first.fisher()[r.name], direct[r.name], rtol=1e-5, atol=1e-9)
 
-    second = _build(cfg, ctx)
+    second = _build(cfg, model, pool, fisher_file=path)
     assert len(calls) == 1  # loaded from the file, not recomputed
     for name, f in first.fisher().items():
         torch.testing.assert_close(second.fisher()[name], f.to(second.fisher()[name].dtype), rtol=1e-3, atol=0)
@@ -255,7 +268,7 @@ def test_registry_computes_saves_and_reloads_fisher(tmp_path, monkeypatch):
     torch.testing.assert_close(second.penalty(), first.penalty(), rtol=1e-3, atol=0)
 
     # Another label mode is another Fisher: recompute rather than reuse the cached one.
-    _build(MethodConfig(name="ewc", fisher="sampled", fisher_examples=4), ctx)
+    _build(method_config("ewc", fisher="sampled", fisher_examples=4), model, pool, fisher_file=path)
     assert len(calls) == 2 and Importance.load(path).metadata["fisher"] == "sampled"
 
     # The cache is shared by a fresh adapter with another init (another seed): still reused.
@@ -263,9 +276,19 @@ def test_registry_computes_saves_and_reloads_fisher(tmp_path, monkeypatch):
     with torch.no_grad():
         for r in lora_modules(other):
             r.A.normal_()
-    _build(MethodConfig(name="ewc", fisher="sampled", fisher_examples=4),
-                 StageContext(model=other, importance_file=str(path), general_batches=lambda: iter(batches)))
+    _build(method_config("ewc", fisher="sampled", fisher_examples=4), other, pool, fisher_file=path)
     assert len(calls) == 2
+
+    # Other general data, or the same data cut into other sequences, is another Fisher (the cache used to be
+    # keyed by label mode and sample count only, and reused a Fisher of other text).
+    for desc in ({"data": "other-text", "tokens": 60, "seq_len": 12}, {"data": "test-pool", "tokens": 60, "seq_len": 6}):
+        _build(method_config("ewc", fisher="sampled", fisher_examples=4), other, _Pool(_pad_all(_samples(
+            _vocab(model))), desc), fisher_file=path)
+    assert len(calls) == 4 and Importance.load(path).metadata["seq_len"] == "6"
+
+    # In a run with a cache folder (an experiment's OUT/cache) the Fisher lands there without a fisher_file.
+    _build(method_config("ewc", fisher_examples=4), model, pool, cache_dir=tmp_path / "cache")
+    assert (tmp_path / "cache" / "fisher.safetensors").is_file()
 
 
 def test_registry_refuses_to_overwrite_si_importance(tmp_path):
@@ -276,10 +299,8 @@ def test_registry_refuses_to_overwrite_si_importance(tmp_path):
     Importance({r.name: torch.ones(r.base_weight.shape) for r in lora_modules(model)},
                metadata={"kind": "si"}).save(path)
     before = path.read_bytes()
-    ctx = StageContext(model=model, importance_file=str(path),
-                       general_batches=lambda: iter(_batches(_samples(_vocab(model)))))
     with pytest.raises(ValueError, match="kind 'si'"):
-        _build(MethodConfig(name="ewc"), ctx)
+        _build(method_config("ewc"), model, _Pool(_pad_all(_samples(_vocab(model)))), fisher_file=path)
     assert path.read_bytes() == before
 
 

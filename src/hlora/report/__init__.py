@@ -1,0 +1,90 @@
+"""Reports from `results.json` only: tables (Markdown, CSV, LaTeX), figures (PNG) and statistics.
+
+Everything here is a pure function of the records in `results.json` (DESIGN.md section 5); the
+report never opens a run directory, a model or an importance file. Entry points: `write_report`
+(`hlora report`) and `inspect_importance` (`hlora inspect`, from per-module norms: no torch).
+
+Modules: `load` (reading and checking records), `stats` (seed means, t-tests, fronts, matched
+accuracy, caps, dominated area), `tables`, `figures`, `importance` (layer weights, heatmap),
+`write` (`write_report`).
+"""
+from __future__ import annotations
+
+from .figures import plot_acc_vs_ppl, plot_fronts, plot_loss_curves, plot_sweeps, plot_violin
+from .importance import (
+    entropy,
+    importance_heatmap,
+    importance_matrix,
+    importance_summary,
+    inspect_importance,
+    layer_weights,
+)
+from .load import ResultsError, load_results, row_labels, row_order, task_label
+from .stats import (
+    acc_under_cap,
+    aggregate,
+    dominated_area,
+    front,
+    interp_ppl_at_acc,
+    item_scores,
+    matched_summary,
+    mean_std,
+    paired_matched_test,
+    seed_significance,
+    ttest,
+)
+from .tables import (
+    ABLATION_METHODS,
+    complexity,
+    complexity_csv,
+    complexity_latex,
+    complexity_markdown,
+    grid_csv,
+    grid_latex,
+    grid_markdown,
+    results_grid,
+)
+from .write import write_report
+
+plot_phi_sweep = plot_sweeps  # the old name: the sweep figure now covers any swept parameter
+
+__all__ = [
+    "ABLATION_METHODS",
+    "ResultsError",
+    "load_results",
+    "row_labels",
+    "row_order",
+    "task_label",
+    "ttest",
+    "mean_std",
+    "aggregate",
+    "front",
+    "interp_ppl_at_acc",
+    "acc_under_cap",
+    "dominated_area",
+    "paired_matched_test",
+    "matched_summary",
+    "results_grid",
+    "grid_markdown",
+    "grid_csv",
+    "grid_latex",
+    "complexity",
+    "complexity_markdown",
+    "complexity_csv",
+    "complexity_latex",
+    "seed_significance",
+    "item_scores",
+    "layer_weights",
+    "entropy",
+    "importance_matrix",
+    "importance_heatmap",
+    "importance_summary",
+    "inspect_importance",
+    "plot_fronts",
+    "plot_loss_curves",
+    "plot_sweeps",
+    "plot_phi_sweep",
+    "plot_violin",
+    "plot_acc_vs_ppl",
+    "write_report",
+]

@@ -1,0 +1,476 @@
+"""Tables as text: Markdown for report.md, CSV with raw numbers, LaTeX (booktabs) for papers.
+
+Each table is a pure function of records or of a summary from `stats.py`. Conventions: a cell is
+mean ± sample std (ddof=1) over seeds, the std left out for one seed; accuracy is in percent in
+Markdown/LaTeX and a fraction in CSV; "—" marks a number that cannot be computed. Row names are the
+labels the runner wrote into the records.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .load import main_cells, row_labels, row_order, task_label, task_order
+from .stats import COST_FIELDS, aggregate, mean_std
+
+__all__ = [
+    "ABLATION_METHODS",
+    "results_grid",
+    "grid_markdown",
+    "grid_csv",
+    "grid_latex",
+    "complexity",
+    "complexity_markdown",
+    "complexity_csv",
+    "complexity_latex",
+    "significance_markdown",
+    "item_tests_markdown",
+    "matched_markdown",
+    "matched_csv",
+    "matched_latex",
+    "retention_markdown",
+    "retention_csv",
+    "compute_markdown",
+    "compute_csv",
+]
+
+ABLATION_METHODS = ("hlora", "hlora_no_layer", "hlora_no_layer_element")  # row ids of the paper's Table 2
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _fmt(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2, pm: str = " ± ") -> str:
+    if mean is None:
+        return "—"
+    if not math.isfinite(mean):
+        return str(mean)
+    s = f"{mean * scale:.{digits}f}"
+    if std is not None and math.isfinite(std):
+        s += f"{pm}{std * scale:.{digits}f}"
+    return s
+
+
+def _num(v: float | None) -> str:
+    """A CSV number: 12 significant digits, empty for None."""
+    return "" if v is None else f"{v:.12g}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", r"\|")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+# Labels carry Greek letters (LoRA(ν+μ)) and a Unicode minus: LaTeX gets them as math.
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
+                "μ": r"$\mu$", "ν": r"$\nu$", "φ": r"$\phi$", "λ": r"$\lambda$", "ρ": r"$\rho$",
+                "β": r"$\beta$", "α": r"$\alpha$", "Ω": r"$\Omega$", "−": r"$-$", "±": r"$\pm$",
+                "×": r"$\times$", "—": "--", "↓": r"$\downarrow$", "↑": r"$\uparrow$"}  # fmt: skip
+
+
+def _tex(s: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
+
+
+def _latex_table(header: Sequence[str], rows: Iterable[Sequence[str]], caption: str, label: str,
+                 align: str) -> str:  # fmt: skip
+    """A booktabs table from cells already in LaTeX; `caption` is LaTeX source."""
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+             rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(header) + r" \\", r"\midrule"]  # fmt: skip
+    lines += [" & ".join(row) + r" \\" for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main and ablation tables
+
+def results_grid(records: Iterable[dict], methods: Sequence[str] | None = None) -> dict:
+    """Rows = methods (first appearance), columns = tasks; cells from `aggregate` (main cells only).
+
+    `methods` restricts and orders the rows (the ablation table passes ABLATION_METHODS); absent
+    methods are dropped. Returns {"methods", "tasks", "cells", "labels"}.
+    """
+    records = list(records)
+    cells = aggregate(records)
+    main = main_cells(records)
+    present = [m for m in row_order(main)]
+    if methods is not None:
+        present = [m for m in methods if m in present]
+    tasks = [t for t in task_order(main) if any((m, t) in cells for m in present)]
+    return {"methods": present, "tasks": tasks, "labels": row_labels(records),
+            "cells": {k: v for k, v in cells.items() if k[0] in present}}  # fmt: skip
+
+
+def _best(grid: dict) -> set[tuple[str, str, str]]:
+    """(method, task, metric) of the best mean per column: lowest perplexity, highest accuracy."""
+    best: set[tuple[str, str, str]] = set()
+    if len(grid["methods"]) < 2:
+        return best
+    for t in grid["tasks"]:
+        col = {m: grid["cells"][(m, t)] for m in grid["methods"] if (m, t) in grid["cells"]}
+        for metric, pick in (("general_ppl", min), ("acc", max)):
+            vals = {m: c[metric] for m, c in col.items() if math.isfinite(c[metric])}
+            if len(vals) >= 2:
+                target = pick(vals.values())
+                best |= {(m, t, metric) for m, v in vals.items() if v == target}
+    return best
+
+
+def _seed_note(grid: dict) -> str:
+    ns = sorted({c["n"] for c in grid["cells"].values()})
+    if not ns:
+        return "No cells."
+    tail = " Accuracy in %; PPL = general perplexity (held-out general text)."
+    if len(ns) == 1:
+        one = f"Mean ± sample std (ddof=1) over {ns[0]} seeds." if ns[0] > 1 else "One seed per cell (no std)."
+        return one + tail
+    return (f"Mean ± sample std (ddof=1) over seeds; seeds per cell vary ({', '.join(map(str, ns))}); "
+            "cells with one seed show no std." + tail)  # fmt: skip
+
+
+def _label(grid: dict, m: str) -> str:
+    return grid["labels"].get(m, m)
+
+
+def grid_markdown(grid: dict, title: str | None = None) -> str:
+    """Markdown table: per task `PPL ↓` and `Acc % ↑`, best mean per column in bold."""
+    best = _best(grid)
+    header = ["Method"] + [h for t in grid["tasks"] for h in (f"{task_label(t)} PPL ↓", f"{task_label(t)} Acc % ↑")]
+    rows = []
+    for m in grid["methods"]:
+        row = [_md_escape(_label(grid, m))]
+        for t in grid["tasks"]:
+            c = grid["cells"].get((m, t))
+            if c is None:
+                row += ["—", "—"]
+                continue
+            ppl = _fmt(c["general_ppl"], c["general_ppl_std"])
+            acc = _fmt(c["acc"], c["acc_std"], scale=100.0)
+            row += [f"**{ppl}**" if (m, t, "general_ppl") in best else ppl,
+                    f"**{acc}**" if (m, t, "acc") in best else acc]  # fmt: skip
+        rows.append(row)
+    lines = [f"### {title}", ""] if title else []
+    lines += _md_table(header, rows) + ["", _seed_note(grid)]
+    return "\n".join(lines) + "\n"
+
+
+_GRID_METRICS = ("general_ppl", "general_bpb", "acc", "acc_norm")
+
+
+def grid_csv(grid: dict) -> str:
+    """Wide CSV, one row per method; per task n, PPL, bits per byte, acc and acc_norm (fractions)."""
+    cols = ["method", "label"]
+    for t in grid["tasks"]:
+        cols += [f"{t}_n"] + [f"{t}_{metric}_{s}" for metric in _GRID_METRICS for s in ("mean", "std")]
+    rows = []
+    for m in grid["methods"]:
+        row: list[Any] = [m, _label(grid, m)]
+        for t in grid["tasks"]:
+            c = grid["cells"].get((m, t))
+            if c is None:
+                row += [""] * (1 + 2 * len(_GRID_METRICS))
+                continue
+            row += [c["n"]] + [_num(c[metric + sfx]) for metric in _GRID_METRICS for sfx in ("", "_std")]
+        rows.append(row)
+    return _csv(cols, rows)
+
+
+def grid_latex(grid: dict, caption: str, label: str) -> str:
+    """A booktabs table with the paper's layout: a column pair (PPL, Acc) per task.
+
+    `caption` is LaTeX source (not escaped); labels and task names are escaped."""
+    best = _best(grid)
+    nt = len(grid["tasks"])
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
+             r"\begin{tabular}{l" + " cc" * nt + "}", r"\toprule"]  # fmt: skip
+    if nt:
+        lines.append(" & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(task_label(t))}}}" for t in grid["tasks"])
+                     + r" \\")  # fmt: skip
+        lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(nt)))
+    lines += ["Method" + r" & PPL$\downarrow$ & Acc$\uparrow$" * nt + r" \\", r"\midrule"]
+    for m in grid["methods"]:
+        row = [_tex(_label(grid, m))]
+        for t in grid["tasks"]:
+            c = grid["cells"].get((m, t))
+            if c is None:
+                row += ["--", "--"]
+                continue
+            for metric, scale in (("general_ppl", 1.0), ("acc", 100.0)):
+                s = _fmt(c[metric], c[metric + "_std"], scale=scale, pm=r"$\pm$")
+                row.append(rf"\textbf{{{s}}}" if (m, t, metric) in best else s)
+        lines.append(" & ".join(row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- importance cost (paper 6.2)
+
+def _pick(records: list[dict], method: str, kind: str) -> tuple[list[dict], str]:
+    """The records that carry one importance's cost: the row's main cells, else any of that kind."""
+    labels = row_labels(records)
+    rs = [r for r in main_cells(records) if r["method"] == method]
+    if any(r["importance_seconds"] is not None or r["importance_bytes"] is not None for r in rs):
+        return rs, labels[method]
+    rs = [r for r in records if r.get("importance_kind") == kind]
+    return rs, ",".join(labels[m] for m in row_order(rs))
+
+
+def _cost_stats(rs: list[dict], sec_key: str, byte_key: str) -> dict:
+    secs = [r[sec_key] for r in rs if r.get(sec_key) is not None]
+    byts = [r[byte_key] for r in rs if r.get(byte_key) is not None]
+    s_mean, s_std = mean_std(secs) if secs else (None, None)
+    return {"n": max(len(secs), len(byts)), "seconds": s_mean, "seconds_std": s_std,
+            "bytes": float(np.mean(byts)) if byts else None}  # fmt: skip
+
+
+def complexity(records: Iterable[dict]) -> dict:
+    """Importance cost: SI (HLoRA) vs diagonal Fisher on the LoRA targets (EWC-LoRA) vs full-model
+    Fisher, with ratios. Means over the records that carry each number (None where none does)."""
+    records = list(records)
+    si_rs, si_src = _pick(records, "hlora", "si")
+    fi_rs, fi_src = _pick(records, "ewc_lora", "fisher")
+    rows = [
+        {"name": "SI importance (HLoRA)", "source": si_src,
+         **_cost_stats(si_rs, "importance_seconds", "importance_bytes")},
+        {"name": "Diagonal Fisher, LoRA targets (EWC-LoRA)", "source": fi_src,
+         **_cost_stats(fi_rs, "importance_seconds", "importance_bytes")},
+        {"name": "Full-model diagonal Fisher", "source": "full_fisher_*",
+         **_cost_stats(records, "full_fisher_seconds", "full_fisher_bytes")},
+    ]  # fmt: skip
+    si, fi, full = rows
+
+    def ratio(a, b):
+        return a / b if a is not None and b not in (None, 0) else None
+
+    ratios = [
+        {"name": "Fisher (targets) time / SI time", "value": ratio(fi["seconds"], si["seconds"]), "unit": "x"},
+        {"name": "Full-model Fisher time / SI time", "value": ratio(full["seconds"], si["seconds"]), "unit": "x"},
+        {"name": "SI storage / Fisher (targets) storage", "value": ratio(si["bytes"], fi["bytes"]), "unit": "%"},
+        {"name": "SI storage / full-model Fisher storage", "value": ratio(si["bytes"], full["bytes"]), "unit": "%"},
+    ]
+    return {"rows": rows, "ratios": ratios}
+
+
+def _fmt_bytes(b: float | None) -> str:
+    if b is None:
+        return "—"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _fmt_secs(s: float | None, std: float | None) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.3g}" + (f" ± {std:.2g}" if std is not None else "")
+
+
+def _fmt_ratio(r: dict) -> str:
+    v = r["value"]
+    if v is None:
+        return "—"
+    if r["unit"] == "x":
+        return f"{v:.0f}×" if v >= 100 else f"{v:.3g}×"
+    return f"{100 * v:.3g} %"
+
+
+def complexity_markdown(comp: dict, title: str | None = None) -> str:
+    lines = [f"### {title}", ""] if title else []
+    body = [[r["name"], _md_escape(r["source"] or "—"), str(r["n"]), _fmt_secs(r["seconds"], r["seconds_std"]),
+             _fmt_bytes(r["bytes"])] for r in comp["rows"]]  # fmt: skip
+    lines += _md_table(["Importance", "From", "n", "Time (s)", "Storage"], body)
+    lines += [""] + _md_table(["Ratio", "Value"], [[r["name"], _fmt_ratio(r)] for r in comp["ratios"]])
+    lines += ["", "SI time is the time added to stage ν by recording importance; Fisher time is the separate "
+              "pass over general data. Storage is the importance file as saved; the full-model Fisher is "
+              "one fp32 value per weight of the model."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def complexity_csv(comp: dict) -> str:
+    rows = [["importance", r["name"], r["source"], r["n"], _num(r["seconds"]), _num(r["seconds_std"]),
+             _num(r["bytes"]), ""] for r in comp["rows"]]  # fmt: skip
+    rows += [["ratio", r["name"], "", "", "", "", "", _num(r["value"])] for r in comp["ratios"]]
+    return _csv(["kind", "name", "source", "n", "seconds_mean", "seconds_std", "bytes_mean", "ratio"], rows)
+
+
+def complexity_latex(comp: dict, caption: str, label: str) -> str:
+    rows = [[_tex(r["name"]), str(r["n"]), _tex(_fmt_secs(r["seconds"], r["seconds_std"])),
+             _tex(_fmt_bytes(r["bytes"]))] for r in comp["rows"]]  # fmt: skip
+    rows += [[rf"\multicolumn{{3}}{{l}}{{{_tex(r['name'])}}}", _tex(_fmt_ratio(r))] for r in comp["ratios"]]
+    return _latex_table(["Importance", "$n$", "Time (s)", "Storage"], rows, caption, label, "lrrr")
+
+
+# ----------------------------------------------------------------------------- significance over seeds
+
+def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None, method: str = "hlora") -> str:
+    """Welch t-tests of `stats.seed_significance` as a Markdown table."""
+    labels = labels or {}
+    me = labels.get(method, method)
+    if not rows:
+        return f"No seed-level test: {me} and the others need ≥ 2 seeds per task.\n"
+    lines = [f"Welch t-tests over seeds of the main cells, {me} minus the other method (ΔPPL < 0 and "
+             "ΔAcc > 0 favour it); p two-sided, n/a where both sides have zero variance.", ""]  # fmt: skip
+    lines += _md_table(["Task", "vs", "n", "ΔPPL", "p (PPL)", "ΔAcc (points)", "p (Acc)"],
+                       [[_md_escape(task_label(r["task"])), _md_escape(labels.get(r["other"], r["other"])),
+                         f"{r['n']} vs {r['n_other']}", f"{r['general_ppl_diff']:+.3f}", _fmt_p(r["general_ppl_p"]),
+                         f"{100 * r['acc_diff']:+.2f}", _fmt_p(r["acc_p"])] for r in rows])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def item_tests_markdown(comps: dict[str, dict], labels: dict[str, str], a: str, b: str) -> str:
+    """Per-item t-tests per task (comparisons from `stats.item_comparison`, keyed by task)."""
+    rows = [[_md_escape(task_label(t)), c["key"], "paired" if c["paired"] else "Welch",
+             f"{c['a'].size} / {c['b'].size}", f"{c['a'].mean() - c['b'].mean():+.4f}", _fmt_p(c["p"])]
+            for t, c in comps.items()]  # fmt: skip
+    lines = [f"Per-item t-tests, {_md_escape(labels.get(a, a))} minus {_md_escape(labels.get(b, b))}, items pooled "
+             "over seeds (paired when the items line up):", ""]  # fmt: skip
+    return "\n".join(lines + _md_table(["Task", "Score", "Test", "n", "Δ mean", "p"], rows)) + "\n"
+
+
+# ----------------------------------------------------------------------------- matched accuracy
+
+def _matched_cells(s: dict, row: dict) -> list[str]:
+    """Display cells of one row of the matched-accuracy table (plain text, Markdown-safe)."""
+    t = row["test"]
+    seeds = f" ({row['ppl_n']} seed{'s' if row['ppl_n'] != 1 else ''})" if row["ppl"] is not None else ""
+    ppl = _fmt(row["ppl"], row["ppl_std"]) + seeds
+    kl = "—" if row["kl"] is None else f"{row['kl']:.4f}"
+    test = ["—", "—", "—"] if t is None or t["n"] == 0 else [f"{t['diff']:+.3f}", str(t["n"]), _fmt_p(t["p"])]
+    return [str(row["points"]), ppl, kl, _fmt(row["acc_cap"], None, 100.0), _fmt(row["area"], None)] + test
+
+
+def _matched_title(s: dict, labels_ref: str) -> str:
+    acc = "—" if s["acc_ref"] is None else f"{100 * s['acc_ref']:.2f} %"
+    cap = "—" if s["cap"] is None else f"{s['cap']:.3f}"
+    cap_text = f"cap = Base PPL × {s['cap_ratio']:g} = {cap}"
+    return f"{task_label(s['task'])}: at {labels_ref}'s accuracy acc* = {acc}; {cap_text}"
+
+
+_MATCHED_HEADER = ["Method", "Points", "PPL @ acc* ↓", "KL @ acc* ↓", "Acc % under cap ↑",
+                   "Dominated area ↑ (acc points × PPL)", "ΔPPL ref − row (paired)", "n", "p"]  # fmt: skip
+
+
+def matched_markdown(summaries: Sequence[dict]) -> str:
+    """The matched-accuracy table, one block per task (summaries from `stats.matched_summary`)."""
+    lines = []
+    for s in summaries:
+        ref = next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
+        lines += [f"#### {_matched_title(s, ref)}", ""]
+        lines += _md_table(_MATCHED_HEADER, [[_md_escape(r["label"])] + _matched_cells(s, r) for r in s["rows"]])
+        lines.append("")
+    lines += ["PPL and KL are interpolated linearly along each row's seed-mean front (its sweep points sorted "
+              "by accuracy) at acc*, — where acc* lies outside the front; ± is the std over the seeds (in "
+              "brackets) whose own front reaches acc*. Acc under cap: highest accuracy along the front with "
+              "PPL ≤ the cap. "
+              "Dominated area: the region of the (accuracy points, PPL) plane between Base and the row's points "
+              "that beat Base in both. ΔPPL: the reference's main PPL minus the row's PPL at the reference's "
+              "accuracy, seed by seed (negative favours the reference), paired t-test over those seeds."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def matched_csv(summaries: Sequence[dict]) -> str:
+    header = ["task", "method", "label", "points", "acc_ref", "ppl", "ppl_std", "ppl_n", "kl", "cap",
+              "acc_under_cap", "dominated_area_accpts_x_ppl", "paired_diff", "paired_n", "paired_p"]  # fmt: skip
+    rows = []
+    for s in summaries:
+        for r in s["rows"]:
+            t = r["test"] or {"diff": None, "n": "", "p": None}
+            rows.append([s["task"], r["method"], r["label"], r["points"], _num(s["acc_ref"]), _num(r["ppl"]),
+                         _num(r["ppl_std"]), r["ppl_n"], _num(r["kl"]), _num(s["cap"]), _num(r["acc_cap"]),
+                         _num(r["area"]), _num(t["diff"]), t["n"], _num(t["p"])])  # fmt: skip
+    return _csv(header, rows)
+
+
+def matched_latex(s: dict, label: str) -> str:
+    ref = next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
+    rows = [[_tex(r["label"])] + [_tex(c) for c in _matched_cells(s, r)] for r in s["rows"]]
+    return _latex_table([_tex(h) for h in _MATCHED_HEADER], rows, _tex(_matched_title(s, ref)), label, "l" + "r" * 8)
+
+
+# ----------------------------------------------------------------------------- cross-task retention
+
+def _retention_cell(s: dict, target: str, cell: tuple | None) -> str:
+    if cell is None:
+        return "—"
+    mean, std, _ = cell
+    base = s["base"].get(target)
+    delta = f" ({100 * (mean - base):+.2f})" if base is not None else ""
+    return _fmt(mean, std, 100.0) + delta
+
+
+def retention_markdown(summaries: Sequence[dict]) -> str:
+    """Accuracy on the tasks a model was not tuned on (summaries from `stats.transfer_summary`)."""
+    lines = []
+    for s in summaries:
+        lines += [f"#### Tuned on {task_label(s['task'])}", ""]
+        header = ["Method"] + [f"{task_label(t)} Acc %" for t in s["targets"]]
+        lines += _md_table(header, [[_md_escape(r["label"])] + [_retention_cell(s, t, r["cells"].get(t))
+                                                                for t in s["targets"]] for r in s["rows"]])  # fmt: skip
+        lines.append("")
+    lines.append("Accuracy % on each other task, mean ± std over seeds of the main cells; in brackets the "
+                 "difference from Base in points (negative = forgotten).")
+    return "\n".join(lines) + "\n"
+
+
+def retention_csv(summaries: Sequence[dict]) -> str:
+    rows = []
+    for s in summaries:
+        for r in s["rows"]:
+            for t, (mean, std, n) in r["cells"].items():
+                base = s["base"].get(t)
+                rows.append([s["task"], r["method"], r["label"], t, n, _num(mean), _num(std), _num(base),
+                             _num(None if base is None else mean - base)])  # fmt: skip
+    return _csv(["tuned_task", "method", "label", "transfer_task", "n", "acc_mean", "acc_std", "base_acc",
+                 "delta_vs_base"], rows)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- compute
+
+_COMPUTE_HEADER = ["Method", "Cells", "Wall s", "Train s", "Steps", "Domain tokens", "General tokens",
+                   "Extra forward tokens"]  # fmt: skip
+
+
+def _count(v: float | None, secs: bool) -> str:
+    if v is None:
+        return "—"
+    return f"{v:,.1f}" if secs else f"{v:,.0f}"
+
+
+def compute_markdown(rows: Sequence[dict]) -> str:
+    """Cost per row (rows from `stats.compute_summary`)."""
+    body = [[_md_escape(r["label"]), str(r["n"])] + [_count(r[k], k.endswith("seconds")) for k in COST_FIELDS]
+            for r in rows]  # fmt: skip
+    lines = _md_table(_COMPUTE_HEADER, body)
+    lines += ["", "Mean over a row's cells (all tasks, seeds and sweep points), as the runner recorded them; "
+              "— where no cell has the number. Extra forward tokens: tokens a method runs through the model "
+              "beyond its training batches (e.g. the base model's pass for a KL term)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def compute_csv(rows: Sequence[dict]) -> str:
+    return _csv(["method", "label", "cells", *COST_FIELDS],
+                [[r["method"], r["label"], r["n"]] + [_num(r[k]) for k in COST_FIELDS] for r in rows])  # fmt: skip

@@ -1,0 +1,56 @@
+"""Small helpers shared across the package: one copy each."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest known name, or ''."""
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode (no dropout) for the block; every module's own train/eval flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """The pretrained model: PeftModel.disable_adapter() where there is one, else the model as it is."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def requires_grad(params: Iterable[torch.Tensor]):
+    """Temporarily make `params` require grad (so outputs depending on them carry a graph)."""
+    saved = [(p, p.requires_grad) for p in params]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)

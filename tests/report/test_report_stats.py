@@ -1,0 +1,116 @@
+"""Statistics with numbers worked out by hand: interpolation, cap, dominated area, paired tests."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from report_records import cell
+from scipy import stats
+
+from hlora.report import (
+    acc_under_cap,
+    dominated_area,
+    interp_ppl_at_acc,
+    matched_summary,
+    paired_matched_test,
+    ttest,
+)
+from hlora.report.load import normalize_record
+
+
+def test_ttest_matches_scipy():
+    a = [1.2, 2.3, 2.9, 4.1, 5.0, 5.5]
+    b = [0.9, 1.8, 3.5, 3.0, 4.2, 4.4]
+    t, p = ttest(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert (t, p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-12)
+    t, p = ttest(a, b, paired=True)
+    ref = stats.ttest_rel(a, b)
+    assert (t, p) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-12)
+    with pytest.raises(ValueError, match="equal lengths"):
+        ttest(a, b[:3], paired=True)
+    t, p = ttest([1.0], [2.0])  # too few values: nan, no exception
+    assert math.isnan(p)
+
+
+def test_interpolation():
+    front = [(0.6, 30.0), (0.8, 20.0), (0.7, 26.0)]  # unsorted on purpose
+    assert interp_ppl_at_acc(front, 0.65) == pytest.approx(28.0)  # halfway 30 -> 26
+    assert interp_ppl_at_acc(front, 0.75) == pytest.approx(23.0)  # halfway 26 -> 20
+    assert interp_ppl_at_acc(front, 0.6) == pytest.approx(30.0)  # endpoints
+    assert interp_ppl_at_acc(front, 0.8) == pytest.approx(20.0)
+    assert interp_ppl_at_acc(front, 0.59) is None and interp_ppl_at_acc(front, 0.81) is None  # outside
+    assert interp_ppl_at_acc([(0.7, 25.0)], 0.7) == 25.0  # one point matches only itself
+    assert interp_ppl_at_acc([(0.7, 25.0)], 0.71) is None
+    assert interp_ppl_at_acc([], 0.7) is None
+    assert interp_ppl_at_acc([(0.7, 25.0), (0.7, 24.0), (0.8, 20.0)], 0.7) == 24.0  # a tie: the best
+
+
+def test_accuracy_under_cap():
+    # (0.7, 27) is under the cap 29, (0.8, 31) above: the segment meets 29 halfway, at 0.75
+    assert acc_under_cap([(0.8, 31.0), (0.6, 25.0), (0.7, 27.0)], 29.0) == pytest.approx(0.75)
+    assert acc_under_cap([(0.7, 30.0)], 29.0) is None  # nothing under the cap
+    assert acc_under_cap([(0.6, 31.0), (0.8, 28.0)], 29.0) == pytest.approx(0.8)  # the best point itself
+    # the front goes above the cap and back under: the last point wins over the crossing at 0.68
+    assert acc_under_cap([(0.6, 25.0), (0.7, 30.0), (0.8, 28.0)], 29.0) == pytest.approx(0.8)
+
+
+def test_dominated_area():
+    base = (60.0, 30.0)
+    # rectangles [60,70]x[25,30] (50) and [60,65]x[20,30] (50) overlap on [60,65]x[25,30] (25): union 75
+    front = [(70.0, 25.0), (65.0, 20.0), (80.0, 31.0), (55.0, 10.0)]  # the last two do not beat Base in both
+    assert dominated_area(front, base) == pytest.approx(75.0)
+    assert dominated_area([(70.0, 31.0)], base) == 0.0
+    assert dominated_area([], base) == 0.0
+    # a point inside another's rectangle adds nothing
+    assert dominated_area([(70.0, 25.0), (65.0, 27.0)], base) == pytest.approx(50.0)
+
+
+def _seeded_fronts() -> list[dict]:
+    """HLoRA main cells and a replay row swept over ρ, three seeds, one extra seed without HLoRA."""
+    hl = [(0, 0.80, 20.0), (1, 0.82, 21.0), (2, 0.78, 20.5)]
+    recs = [cell("hlora", "sciq", s, a, p, sweep=("phi", 1e-3), label="HLoRA") for s, a, p in hl]
+    replay = {0: [(0.70, 19.0), (0.90, 23.0)],  # at 0.80: 21.0
+              1: [(0.75, 20.0), (0.85, 24.0)],  # at 0.82: 22.8
+              2: [(0.80, 22.0), (0.70, 21.0)],  # at 0.78: 21.8
+              3: [(0.70, 19.0), (0.90, 23.0)]}  # no HLoRA cell on seed 3: left out  # fmt: skip
+    for s, pts in replay.items():
+        for k, (a, p) in enumerate(pts):
+            recs.append(cell("replay", "sciq", s, a, p, sweep=("rho", 0.1 * (k + 1)), main=k == 0, label="Replay"))
+    recs.append(cell("narrow", "sciq", 0, 0.70, 18.0, sweep=("lam", 1.0)))  # reaches no HLoRA accuracy
+    return [normalize_record(r) for r in recs]
+
+
+def test_paired_test_equals_scipy_ttest_rel():
+    recs = _seeded_fronts()
+    res = paired_matched_test(recs, "replay", "sciq")
+    mine, theirs = [20.0, 21.0, 20.5], [21.0, 22.8, 21.8]
+    ref = stats.ttest_rel(mine, theirs)
+    assert res["n"] == 3 and res["seeds"] == [0, 1, 2]
+    assert res["diff"] == pytest.approx(np.mean(np.subtract(mine, theirs)))  # -1.3667: HLoRA forgets less
+    assert (res["t"], res["p"]) == pytest.approx((ref.statistic, ref.pvalue), rel=1e-9)
+    res = paired_matched_test(recs, "narrow", "sciq")
+    assert res["n"] == 0 and math.isnan(res["p"]) and math.isnan(res["diff"])
+    one = paired_matched_test([r for r in recs if r["seed"] == 0], "replay", "sciq")
+    assert one["n"] == 1 and one["diff"] == pytest.approx(-1.0) and math.isnan(one["p"])  # n < 2: no p
+
+
+def test_matched_summary_by_hand():
+    recs = [normalize_record(r) for r in [
+        cell("base", "sciq", 0, 0.60, 30.0, label="Base"),
+        cell("hlora", "sciq", 0, 0.80, 24.0, sweep=("phi", 1e-3), label="HLoRA"),
+        cell("x", "sciq", 0, 0.70, 26.0, sweep=("beta", 0.1), main=True, label="X", kl=0.02),
+        cell("x", "sciq", 0, 0.90, 30.0, sweep=("beta", 0.01), main=False, label="X", kl=0.06),
+    ]]  # fmt: skip
+    s = matched_summary(recs, "sciq")
+    assert s["acc_ref"] == pytest.approx(0.80) and s["cap"] == pytest.approx(30.6)
+    x = next(r for r in s["rows"] if r["method"] == "x")
+    assert x["ppl"] == pytest.approx(28.0) and x["kl"] == pytest.approx(0.04)  # halfway along the front
+    assert x["acc_cap"] == pytest.approx(0.90)  # both points are under 30.6
+    assert x["area"] == pytest.approx(10 * 4)  # (70, 26) beats Base by 10 points x 4 PPL; (90, 30) ties on PPL
+    assert x["points"] == 2 and x["test"]["n"] == 1 and x["test"]["diff"] == pytest.approx(24.0 - 28.0)
+    base = next(r for r in s["rows"] if r["method"] == "base")
+    assert base["ppl"] is None and base["area"] == 0.0 and base["acc_cap"] == pytest.approx(0.60)
+    hl = next(r for r in s["rows"] if r["method"] == "hlora")
+    assert hl["ppl"] == pytest.approx(24.0) and hl["test"] is None

@@ -1,0 +1,107 @@
+"""Tables: the hand-checked main cell, seeds, cost ratios, labels from records, the new tables."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import pytest
+from report_records import ROW_IDS, TASKS, cell, make_results
+
+from hlora import report
+from hlora.report import load_results, write_report
+from hlora.report.load import normalize_record
+from hlora.report.stats import compute_summary, transfer_summary
+from hlora.report.tables import compute_markdown, retention_markdown
+
+
+def _rows(path):
+    return list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+
+
+def test_hand_checked_cell(results_file, tmp_path):
+    out = tmp_path / "r"
+    write_report(results_file, out)
+    md = (out / "tables.md").read_text()
+    hl = next(line for line in md.splitlines() if line.startswith("| HLoRA |") and "±" in line)
+    cells = [c.strip().strip("*") for c in hl.strip("|").split("|")]
+    assert cells[1:3] == ["23.60 ± 0.14", "89.00 ± 1.41"]  # sciq PPL, sciq Acc %
+    row = next(r for r in _rows(out / "table1.csv") if r["method"] == "hlora")
+    assert row["label"] == "HLoRA"
+    assert float(row["sciq_general_ppl_mean"]) == pytest.approx(23.6)
+    assert float(row["sciq_general_ppl_std"]) == pytest.approx(math.sqrt(0.02))
+    assert float(row["sciq_acc_mean"]) == pytest.approx(0.89)
+    assert float(row["sciq_acc_std"]) == pytest.approx(math.sqrt(2e-4))
+    assert row["sciq_n"] == "2"  # sweep cells do not enter the table: 2 seeds, not 8
+
+
+def test_rows_in_record_order(results_file, tmp_path):
+    write_report(results_file, tmp_path / "r")
+    rows = _rows(tmp_path / "r" / "table1.csv")
+    assert [r["method"] for r in rows] == list(ROW_IDS)
+    for t in TASKS:
+        assert all(r[f"{t}_n"] == "2" for r in rows)
+    assert [r["method"] for r in _rows(tmp_path / "r" / "table2.csv")] == list(report.ABLATION_METHODS)
+    assert "tab:hlora-main" in (tmp_path / "r" / "tables.tex").read_text()
+
+
+def test_one_seed_omits_std(write_results, tmp_path):
+    p = write_results([r for r in make_results(sweep=False) if r["seed"] == 0])
+    write_report(p, tmp_path / "r")
+    md = (tmp_path / "r" / "tables.md").read_text()
+    hl = next(line for line in md.splitlines() if line.startswith("| HLoRA |") and "88.00" in line)
+    assert "±" not in hl and "23.50" in hl
+
+
+def test_complexity_ratios(results_file):
+    comp = report.complexity(load_results(results_file))
+    si, fi, full = comp["rows"]
+    assert si["bytes"] == 1_000_000 and fi["bytes"] == 8_000_000 and full["bytes"] == 540_000_000
+    ratios = {r["name"]: r["value"] for r in comp["ratios"]}
+    assert ratios["SI storage / Fisher (targets) storage"] == pytest.approx(1 / 8)
+    assert ratios["Fisher (targets) time / SI time"] == pytest.approx(30.5 / 0.205)
+    text = report.complexity_csv(comp)
+    assert "SI importance (HLoRA)" in text and "ratio" in text
+
+
+def test_labels_come_from_records(write_results, tmp_path):
+    recs = make_results(sweep=False)
+    for r in recs:
+        if r["method"] == "lora_mu":
+            r["label"] = "My Method"
+    extra = dict(recs[0], method="unlabelled_row", label=None, task="mcq:data/my.jsonl")
+    write_report(write_results(recs + [extra]), tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "| My Method |" in md and "LoRA(μ)" not in md
+    assert "unlabelled_row" in md and "mcq:my.jsonl" in md
+    assert _rows(tmp_path / "r" / "table1.csv")[-1]["method"] == "unlabelled_row"
+    assert r"LoRA($\nu$+$\mu$)" in (tmp_path / "r" / "tables.tex").read_text(encoding="utf-8")
+
+
+def test_matched_table_written(write_results, tmp_path):
+    write_report(write_results(make_results(wise=True)), tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "at HLoRA's accuracy acc* = 89.00 %" in md and "(acc points × PPL)" in md
+    rows = _rows(tmp_path / "r" / "matched.csv")
+    hl = next(r for r in rows if r["task"] == "sciq" and r["method"] == "hlora")
+    assert float(hl["ppl"]) == pytest.approx(23.6) and float(hl["acc_ref"]) == pytest.approx(0.89)
+    wise = next(r for r in rows if r["task"] == "sciq" and r["method"] == "wise_lora_nu_mu")
+    assert wise["label"] == "WiSE-FT LoRA(ν+μ)" and wise["points"] == "3"
+
+
+def test_retention_and_compute_tables():
+    recs = [normalize_record(r) for r in [
+        cell("base", "sciq", 0, 0.6, 30.0, label="Base", transfer={"piqa": {"acc": 0.70, "n": 100}}),
+        cell("hlora", "sciq", 0, 0.8, 25.0, label="HLoRA", transfer={"piqa": {"acc": 0.68, "n": 100}},
+             cost={"wall_seconds": 10.0, "steps": 60, "domain_tokens": 1000}),
+        cell("hlora", "sciq", 1, 0.8, 25.0, label="HLoRA", transfer={"piqa": {"acc": 0.66, "n": 100}},
+             cost={"wall_seconds": 14.0, "steps": 60, "domain_tokens": 1000}),
+    ]]  # fmt: skip
+    s = transfer_summary(recs, "sciq")
+    assert s["targets"] == ["piqa"] and s["base"] == {"piqa": pytest.approx(0.70)}
+    md = retention_markdown([s])
+    assert "| HLoRA | 67.00 ± 1.41 (-3.00) |" in md
+    comp = {r["method"]: r for r in compute_summary(recs)}
+    assert comp["hlora"]["wall_seconds"] == pytest.approx(12.0) and comp["hlora"]["n"] == 2
+    assert comp["base"]["wall_seconds"] is None
+    assert "| HLoRA | 2 | 12.0 | — | 60 | 1,000 | — | — |" in compute_markdown(list(comp.values()))
