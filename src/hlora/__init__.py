@@ -10,6 +10,7 @@ _EXPORTS = {
     "PenaltyTrainer": "train", "PenaltyMixin": "train", "run_stage": "train",
     "loglikelihood": "evaluate", "perplexity": "evaluate",
     "get_task": "data", "load_model": "model", "attach_lora": "model",
+    "build_method": "methods", "method_config": "config", "evaluate_checkpoint": "eval_recipe",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,23 +1,43 @@
 """`hlora bench`: the performance targets of DESIGN section 7, measured as ratios within one run.
 
-Variants are interleaved round by round and summarised by the median, so a noisy machine slows
-all of them alike. Nothing here asserts a threshold: it prints what it measured and what the
-target is.
+    hlora bench --model smollm2-135m --json benchmarks/results/smollm2-cpu.json
+
+Every ratio compares variants measured in the same process on the same batches. Training variants are
+interleaved round by round (plain step, +SI recording, +each method's per-step work) and summarised by the
+median, so a noisy machine slows all of them alike; overheads are ratios to the plain PEFT LoRA step
+(1.0 = no overhead). Nothing here asserts a threshold: it prints what it measured beside the target.
+
+Keys of the JSON: si_overhead {paper, exact}, penalty_overhead {hlora, ewc, kl_domain, kl_general, replay},
+fisher_over_si, storage_ratio_fp32, storage_ratio_half, eval_speedup_vs_lmeval {sciq, piqa} (from
+benchmarks/lmeval_parity.py, which runs lm-evaluation-harness in its own venv), train_tokens_per_s,
+eval_tokens_per_s, matmul_peak_fraction {train, eval}, and the raw seconds behind each.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from .config import LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig, RunConfig, TrainConfig, method_config
 from .lora import lora_modules
 from .methods.ewc import forward_inputs, masked_labels, per_sample_loss
 from .util import adapter_disabled, eval_mode, model_device, requires_grad
+
+TARGETS = {"si_overhead": "<= 1.02", "penalty_overhead": "<= 1.02", "fisher_over_si": ">= 100",
+           "storage_ratio_fp32": "<= 0.15", "storage_ratio_half": "<= 0.05", "eval_speedup_vs_lmeval": ">= 2",
+           "matmul_peak_fraction": ">= 0.7"}
 
 
 def _targets(model_name: str) -> list[str]:
@@ -26,89 +46,159 @@ def _targets(model_name: str) -> list[str]:
     return TINY_TARGETS.get(model_name, ["q_proj", "v_proj"])
 
 
-def _step_fn(model, opt, batch, recorder=None, penalty=None):
-    def step():
-        out = model(**batch)
-        loss = out.loss
-        if penalty is not None:
-            loss = loss + penalty.penalty()
-        loss.backward()
-        if recorder is not None:
-            recorder.before_step(opt)
-        opt.step()
-        if recorder is not None:
-            recorder.after_step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _time(fn, n: int) -> float:
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t) / n
+# ------------------------------------------------------------------------------------ training steps
 
 
-def bench_training(model_name: str, steps: int, batch_size: int = 4, seq_len: int = 128, rounds: int = 5) -> dict:
-    """Seconds per step: plain LoRA, + SI recording, + HLoRA penalty; and the SI cost vs an EWC Fisher."""
-    from .lora import lora_modules
-    from .methods.ewc import fisher_diagonal
+class _Variant:
+    """One kind of training step: the plain LoRA step plus a method's per-step work. `enter` builds what the
+    variant needs (an SI recorder installs hooks that would slow every other variant) and `exit` removes it."""
+
+    def __init__(self, name, extra=None, make_recorder=None):
+        self.name, self.extra, self.make_recorder = name, extra, make_recorder
+        self.recorder = None
+        self.recorder_seconds: list[float] = []
+
+    @contextlib.contextmanager
+    def active(self, model):
+        if self.make_recorder is not None:
+            self.recorder = self.make_recorder(model)
+        try:
+            yield
+        finally:
+            if self.recorder is not None:
+                self.recorder_seconds.append(self.recorder.seconds)
+                self.recorder.close()
+                self.recorder = None
+
+
+def _step(model, opt, batch, variant: _Variant, clip: float = 1.0):
+    """What transformers' Trainer does per optimizer step (one micro-batch), with the variant's work added."""
+    out = model(**batch)
+    loss = out.loss
+    if variant.extra is not None:
+        loss = loss + variant.extra(model, batch, out)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    if variant.recorder is not None:
+        variant.recorder.before_step(opt)
+    opt.step()
+    if variant.recorder is not None:
+        variant.recorder.after_step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _batches(model_name: str, tok, batch_size: int, seq_len: int, vocab: int, device) -> tuple[dict, dict]:
+    """A domain batch and a general batch of real text (random tokens when the data is not found)."""
+    from .data.packing import general_pool, pack
+    from .data import get_task
+
+    def first(ds):
+        rows = [ds[i] for i in range(batch_size)]
+        return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+
+    try:
+        return (first(pack(tok, get_task("sciq").train_texts(200), seq_len, "sciq")),
+                first(general_pool(tok, "wikitext", seq_len)))
+    except Exception:  # noqa: BLE001 - no data here: the cost does not depend on the text
+        ids = torch.randint(0, vocab, (2, batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+        return tuple({"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids)
+
+
+def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_len: int = 128, rounds: int = 5,
+                   fisher_examples: int = 64) -> dict:
+    """Seconds per training step of each variant (median over interleaved rounds), the SI recorder's own time,
+    and the EWC Fisher pass on the tokens of `fisher_examples` sequences."""
+    from .importance import Importance
+    from .methods import StageContext, build_method
+    from .methods.ewc import EWCPenalty, fisher_diagonal
     from .methods.hlora import HLoRAPenalty
     from .model import attach_lora, load_model
     from .si import SIRecorder
 
     base, tok, _ = load_model(ModelConfig(name=model_name))
-    model = attach_lora(base, LoraConfig(targets=_targets(model_name), dropout=0.0))
+    model = attach_lora(base, LoraConfig(targets=_targets(model_name)))
     model.train()
-    torch.manual_seed(0)
+    dev = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (batch_size, seq_len), device=next(model.parameters()).device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    with torch.no_grad():  # nonzero B so that ΔW and the penalty are not trivially zero
+    domain, general = _batches(model_name, tok, batch_size, seq_len, vocab, dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with torch.no_grad():  # nonzero B so that ΔW and the penalties are not trivially zero
         for r in lora_modules(model):
             r.B.normal_(0, 1e-3)
-    rec = SIRecorder(model)
-    imp = rec.importance()
-    for k in imp.omega:
-        imp.omega[k] = torch.rand_like(imp.omega[k])
-    pen = HLoRAPenalty(model, imp, phi=1e-3)
-
-    variants = {"lora": _step_fn(model, opt, batch), "lora+si": _step_fn(model, opt, batch, recorder=rec),
-                "lora+penalty": _step_fn(model, opt, batch, penalty=pen)}
-    for fn in variants.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    g = torch.Generator().manual_seed(0)
+    omega = {r.name: torch.rand(r.base_weight.shape, generator=g) for r in lora_modules(model)}
+    hl = HLoRAPenalty(model, Importance(omega, metadata={"kind": "si"}), reference="current", phi=1e-3)
+    ewc = EWCPenalty(model, omega, lam=0.5)
+    run = RunConfig(train=TrainConfig(batch_size=batch_size, seq_len=seq_len))
+    pool = [{k: v[i].cpu() for k, v in general.items()} for i in range(batch_size)]
+    ctx = StageContext(stage="domain", run=run, general_pool=lambda: pool)
+    kl_d, kl_g = build_method(method_config("kl_domain"), ctx), build_method(method_config("kl_general"), ctx)
+    kl_g.setup(model)
+    replay = {k: torch.cat([general[k][: batch_size // 4], domain[k][batch_size // 4:]]) for k in domain}
+    variants = [
+        _Variant("lora"),
+        _Variant("si_paper", make_recorder=lambda m: SIRecorder(m, grad="paper")),
+        _Variant("si_exact", make_recorder=lambda m: SIRecorder(m, grad="exact")),
+        _Variant("hlora", extra=lambda m, b, o: hl.penalty()),
+        _Variant("ewc", extra=lambda m, b, o: ewc.penalty()),
+        _Variant("kl_domain", extra=kl_d.loss),
+        _Variant("kl_general", extra=kl_g.loss),
+        _Variant("replay"),  # a quarter of the batch from the general pool: the same work as a plain step
+    ]
+    batch_of = {"replay": replay}
     per_round = max(1, steps // rounds)
+    for v in variants:  # warm-up
+        with v.active(model):
+            _step(model, opt, batch_of.get(v.name, domain), v)
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    recorder_per_step: dict[str, list[float]] = {"si_paper": [], "si_exact": []}
     for _ in range(rounds):
-        for k, fn in variants.items():
-            times[k].append(_time(fn, per_round))
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for v in variants:
+            with v.active(model):
+                _sync(dev)
+                t = time.perf_counter()
+                for _ in range(per_round):
+                    _step(model, opt, batch_of.get(v.name, domain), v)
+                _sync(dev)
+                times[v.name].append((time.perf_counter() - t) / per_round)
+            if v.name in recorder_per_step:
+                recorder_per_step[v.name].append(v.recorder_seconds[-1] / per_round)
+    med = {k: statistics.median(x) for k, x in times.items()}
+    rec_step = {k: statistics.median(x) for k, x in recorder_per_step.items()}
 
-    # Importance cost on the same tokens: SI's added time over `steps` steps vs a Fisher over those tokens.
-    si_added = max(med["lora+si"] - med["lora"], 0.0) * steps
-    fisher_batches = [batch] * steps
+    # The Fisher EWC-LoRA needs, on the tokens of `fisher_examples` sequences, against the recorder's time over
+    # a stage ν on the same tokens (fisher_examples / batch_size steps).
+    fisher_batches = [general] * max(1, math.ceil(fisher_examples / batch_size))
+    _sync(dev)
     t = time.perf_counter()
-    fisher_diagonal(model, fisher_batches)
+    fisher_diagonal(model, fisher_batches, max_examples=fisher_examples)
+    _sync(dev)
     fisher_s = time.perf_counter() - t
+    nu_steps = fisher_examples / batch_size
+    si_added = {k: v * nu_steps for k, v in rec_step.items()}
     return {
-        "model": model_name, "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "rounds": rounds,
-        "step_seconds": med,
-        "si_overhead": med["lora+si"] / med["lora"] - 1.0,
-        "penalty_overhead": med["lora+penalty"] / med["lora"] - 1.0,
-        "si_added_seconds": si_added, "fisher_seconds": fisher_s,
-        "fisher_over_si_added": fisher_s / si_added if si_added > 0 else float("inf"),
-        "fisher_over_si_total": fisher_s / (med["lora+si"] * steps),
+        "model": model_name, "device": str(dev), "batch_size": batch_size, "seq_len": seq_len, "rounds": rounds,
+        "steps_per_round": per_round, "step_seconds": med,
+        "si_overhead": {"paper": med["si_paper"] / med["lora"], "exact": med["si_exact"] / med["lora"]},
+        "penalty_overhead": {k: med[k] / med["lora"] for k in ("hlora", "ewc", "kl_domain", "kl_general", "replay")},
+        "si_recorder_seconds_per_step": rec_step,
+        "fisher_seconds": fisher_s, "fisher_examples": fisher_examples, "si_added_seconds_same_tokens": si_added,
+        "fisher_over_si": {k.removeprefix("si_"): fisher_s / v if v > 0 else math.inf for k, v in si_added.items()},
+        "train_tokens_per_s": batch_size * seq_len / med["lora"],
     }
 
 
-def bench_storage(model_name: str) -> dict:
-    """Bytes of the importance file (fp32 and fp16 Ω) against a full-model fp32 Fisher."""
-    import tempfile
-    from pathlib import Path
+# ------------------------------------------------------------------------------------------- storage
 
+
+def bench_storage(model_name: str) -> dict:
+    """Bytes of the importance file as `hlora general` writes it (fp32 and fp16 Ω, no ΔW^ν copy) against a
+    diagonal Fisher of the whole model in fp32."""
     from .model import attach_lora, load_model
     from .si import SIRecorder
 
@@ -120,58 +210,185 @@ def bench_storage(model_name: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         for dt in ("float32", "float16"):
             p = Path(d) / f"imp-{dt}.safetensors"
-            imp.save(p, dtype=dt, reference=False)  # as `hlora general` stores it
+            imp.save(p, dtype=dt, reference=False)
             out[f"importance_bytes_{dt}"] = p.stat().st_size
-            out[f"ratio_{dt}"] = p.stat().st_size / out["full_fisher_bytes"]
+    out["storage_ratio_fp32"] = out["importance_bytes_float32"] / out["full_fisher_bytes"]
+    out["storage_ratio_half"] = out["importance_bytes_float16"] / out["full_fisher_bytes"]
     return out
 
 
-def bench_eval(model_name: str, n_items: int = 24) -> dict:
-    """Shared-context scoring against one-row-per-choice scoring (lm-eval's way) on the same items."""
-    from .data import get_task
-    from .evaluate import loglikelihood, loglikelihood_full
+# ---------------------------------------------------------------------- throughput against matmul peak
+
+
+def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every matmul weight a token passes through: the base Linear layers and the LM head."""
+    shapes = []
+    for name, m in model.named_modules():
+        if "lora_" in name:
+            continue
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) and w is not None:
+            shapes.append((w.shape[1], w.shape[0]))
+        elif type(m).__name__ == "Conv1D" and w is not None:  # GPT-2: weight is in x out
+            shapes.append((w.shape[0], w.shape[1]))
+    return shapes
+
+
+def _attention_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """QKᵀ and A·V per token and layer: 2·2·T·d (the full T×T is computed under a causal mask)."""
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    return 4.0 * seq_len * d * layers
+
+
+def _mm_rate(shapes: list[tuple[int, int]], rows: int, device, repeats: int = 3) -> float:
+    """FLOP/s of plain torch.mm on the model's weight shapes with `rows` token rows, in one pass over the layers
+    (the same mix of shapes a forward pass runs), best of `repeats`."""
+    xs = {i: torch.randn(rows, i, device=device) for i in {s[0] for s in shapes}}
+    ws = [torch.randn(i, o, device=device) for i, o in shapes]
+    flops = sum(2.0 * rows * i * o for i, o in shapes)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first pass warms up
+        _sync(device)
+        t = time.perf_counter()
+        for (i, _), w in zip(shapes, ws):
+            torch.mm(xs[i], w)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return flops / best
+
+
+def bench_throughput(model_name: str, train_step_seconds: float, batch_size: int, seq_len: int,
+                     eval_batch: int = 8, eval_len: int = 512) -> dict:
+    """Training and evaluation FLOP/s (matmul FLOPs of the model's shapes) over plain torch.mm's FLOP/s on the
+    same shapes in this run. A LoRA step on frozen weights runs each base matmul twice (forward, and backward
+    for the input gradient; no weight gradient) and attention three times; evaluation runs them once."""
     from .model import load_model
 
-    model, tok, _ = load_model(ModelConfig(name=model_name))
-    items = get_task("sciq").eval_items(n_items)
-    reqs = [(it.context, it.delimiter + c) for it in items for c in it.choices]
-    t = time.perf_counter()
-    fast = loglikelihood(model, tok, reqs, batch_size=8, progress=False)
-    t_fast = time.perf_counter() - t
-    t = time.perf_counter()
-    full = loglikelihood_full(model, tok, reqs, batch_size=8, progress=False)
-    t_full = time.perf_counter() - t
-    diff = max(abs(a[0] - b[0]) for a, b in zip(fast, full))
-    return {"model": model_name, "items": n_items, "shared_context_seconds": t_fast, "full_seconds": t_full,
-            "speedup": t_full / t_fast, "max_abs_ll_diff": diff}
+    model, _, _ = load_model(ModelConfig(name=model_name))
+    dev = model_device(model)
+    shapes = _linear_shapes(model)
+    lin = sum(2.0 * i * o for i, o in shapes)  # per token, forward
+    ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (eval_batch, eval_len),
+                        generator=torch.Generator().manual_seed(0)).to(dev)
+    with torch.inference_mode():
+        model(input_ids=ids[:1, :16])  # warm-up
+        times = []
+        for _ in range(3):
+            _sync(dev)
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+    eval_s = statistics.median(times)
+    eval_flops = eval_batch * eval_len * (lin + _attention_flops_per_token(model, eval_len))
+    train_flops = batch_size * seq_len * (2 * lin + 3 * _attention_flops_per_token(model, seq_len))
+    mm_train = _mm_rate(shapes, batch_size * seq_len, dev)
+    mm_eval = _mm_rate(shapes, eval_batch * eval_len, dev)
+    return {
+        "eval_tokens_per_s": eval_batch * eval_len / eval_s,
+        "train_flops_per_s": train_flops / train_step_seconds, "eval_flops_per_s": eval_flops / eval_s,
+        "mm_flops_per_s": {"train_shapes": mm_train, "eval_shapes": mm_eval},
+        "matmul_peak_fraction": {"train": train_flops / train_step_seconds / mm_train,
+                                 "eval": eval_flops / eval_s / mm_eval},
+        "flops_per_token": {"linear_forward": lin, "train": train_flops / (batch_size * seq_len),
+                            "eval": eval_flops / (eval_batch * eval_len)},
+    }
 
 
-def main(args) -> dict:
-    import json
+# ------------------------------------------------------------------------------- evaluation vs lm-eval
 
-    from .files import write_json
 
-    res = {"training": bench_training(args.model, args.steps), "storage": bench_storage(args.model),
-           "eval": bench_eval(args.model)}
-    tr, st, ev = res["training"], res["storage"], res["eval"]
-    print(f"model {args.model}; {tr['steps']} steps of {tr['batch_size']}x{tr['seq_len']} tokens, median of {tr['rounds']} interleaved rounds")
-    print(f"  step seconds: " + ", ".join(f"{k} {v:.4f}" for k, v in tr["step_seconds"].items()))
-    print(f"  SI recording overhead   {tr['si_overhead'] * 100:+.2f} %   (target <= 2 %)")
-    print(f"  HLoRA penalty overhead  {tr['penalty_overhead'] * 100:+.2f} %   (target <= 2 %)")
-    print(f"  Fisher / SI added time  {tr['fisher_over_si_added']:.1f}x     (target >= 100x; Fisher {tr['fisher_seconds']:.2f} s, "
-          f"SI added {tr['si_added_seconds']:.3f} s on the same tokens)")
-    print(f"  Fisher / whole SI run   {tr['fisher_over_si_total']:.2f}x")
-    print(f"  storage: importance fp32 {st['ratio_float32'] * 100:.2f} % of a full fp32 Fisher (target <= 15 %), "
-          f"fp16 {st['ratio_float16'] * 100:.2f} % (target <= 5 %)")
-    print(f"  eval: shared-context scoring {ev['speedup']:.2f}x faster than one row per choice on {ev['items']} SciQ items "
-          f"(max |Δll| {ev['max_abs_ll_diff']:.2e})")
-    if args.out:
-        write_json(args.out, res)
-    else:
-        print(json.dumps(res, indent=1, default=float)[:0])
+def bench_eval_vs_lmeval(tasks=("sciq", "piqa"), limit: int = 100, repeats: int = 2) -> dict:
+    """hlora's evaluation against lm-evaluation-harness's HFLM on the same model and items, through
+    benchmarks/lmeval_parity.py (which keeps lm-eval in its own venv, .venv-lmeval)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "lmeval_parity.py"
+    if not script.is_file():
+        return {t: {"skipped": "benchmarks/lmeval_parity.py is not here (run from a checkout)"} for t in tasks}
+    out = {}
+    for task in tasks:
+        with tempfile.TemporaryDirectory() as d:
+            res_path = Path(d) / "parity.json"
+            r = subprocess.run([sys.executable, str(script), "--task", task, "--limit", str(limit), "--repeats",
+                                str(repeats), "--out", str(res_path)], capture_output=True, text=True)
+            if r.returncode != 0 or not res_path.is_file():
+                out[task] = {"skipped": f"lmeval_parity.py failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}"}
+                continue
+            res = json.loads(res_path.read_text())
+        out[task] = {"ratio": res["speedup"], "acc": res.get("acc"), "acc_norm": res.get("acc_norm"),
+                     "items": res.get("items", limit), "seconds": {"lm_eval": res.get("lm_eval_seconds"),
+                                                                  "hlora": res.get("hlora_seconds")},
+                     "max_abs_ll_diff": res.get("max_abs_diff")}
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run(model_name: str, steps: int = 20, rounds: int = 5, lmeval: bool = True, lmeval_limit: int = 100) -> dict:
+    t0 = time.perf_counter()
+    tr = bench_training(model_name, steps=steps, rounds=rounds)
+    st = bench_storage(model_name)
+    th = bench_throughput(model_name, tr["step_seconds"]["lora"], tr["batch_size"], tr["seq_len"])
+    ev = bench_eval_vs_lmeval(limit=lmeval_limit) if lmeval else {"skipped": "--no-lmeval"}
+    res = {
+        "model": model_name, "machine": _machine(), "targets": TARGETS,
+        "si_overhead": tr["si_overhead"], "penalty_overhead": tr["penalty_overhead"],
+        "fisher_over_si": tr["fisher_over_si"],
+        "storage_ratio_fp32": st["storage_ratio_fp32"], "storage_ratio_half": st["storage_ratio_half"],
+        "eval_speedup_vs_lmeval": ev,
+        "train_tokens_per_s": tr["train_tokens_per_s"], "eval_tokens_per_s": th["eval_tokens_per_s"],
+        "matmul_peak_fraction": th["matmul_peak_fraction"],
+        "details": {"training": tr, "storage": st, "throughput": th},
+    }
+    res["wall_seconds"] = time.perf_counter() - t0
     return res
 
 
+def summary(res: dict) -> str:
+    f = lambda d: ", ".join(f"{k} {v:.3f}" for k, v in d.items())  # noqa: E731
+    ev = res["eval_speedup_vs_lmeval"]
+    evs = ", ".join(f"{t} {v['ratio']:.2f}x (acc {v['acc']})" if "ratio" in v else f"{t} skipped"
+                    for t, v in ev.items() if isinstance(v, dict)) or "skipped"
+    return "\n".join([
+        f"hlora bench: {res['model']} on {res['machine']['cpu']} ({res['machine']['torch_threads']} threads), "
+        f"{res['wall_seconds']:.0f} s",
+        f"  SI recording overhead (step ratio)   {f(res['si_overhead'])}   target {TARGETS['si_overhead']}",
+        f"  per-step method overhead             {f(res['penalty_overhead'])}   target {TARGETS['penalty_overhead']}",
+        f"  EWC Fisher / SI added time           {f(res['fisher_over_si'])}   target {TARGETS['fisher_over_si']}",
+        f"  storage vs full fp32 Fisher          fp32 {res['storage_ratio_fp32']:.4f}, half {res['storage_ratio_half']:.4f}"
+        f"   target {TARGETS['storage_ratio_fp32']} / {TARGETS['storage_ratio_half']}",
+        f"  evaluation speed-up vs lm-eval       {evs}   target {TARGETS['eval_speedup_vs_lmeval']}",
+        f"  tokens/s                             train {res['train_tokens_per_s']:.0f}, eval {res['eval_tokens_per_s']:.0f}",
+        f"  matmul peak fraction                 {f(res['matmul_peak_fraction'])}   target {TARGETS['matmul_peak_fraction']}",
+    ])
+
+
+def main(args) -> dict:
+    from .files import write_json
+
+    res = run(args.model, steps=args.steps, rounds=args.rounds, lmeval=not args.no_lmeval,
+              lmeval_limit=args.lmeval_limit)
+    print(summary(res))
+    if args.json:
+        write_json(args.json, res)
+        print(f"wrote {args.json}")
+    return res
 # ---------------------------------------------------------------- cost of a full-model Fisher
 
 

@@ -188,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     b = sub.add_parser("bench", help="performance benchmarks, printing measured ratios")
-    b.add_argument("--model", default="tiny-llama")
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--out", help="write the numbers here (JSON)")
+    b.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a HF dir / .gguf / hub id, tiny-llama")
+    b.add_argument("--steps", type=int, default=20, help="timed steps per variant (spread over the rounds)")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is reported)")
+    b.add_argument("--no-lmeval", action="store_true", help="skip the comparison with lm-evaluation-harness")
+    b.add_argument("--lmeval-limit", type=int, default=100, help="items per task for the lm-eval comparison")
+    b.add_argument("--json", "--out", dest="json", help="write the numbers here (JSON)")
     b.set_defaults(fn=cmd_bench)
 
     dm = sub.add_parser("demo", help="the main job: Base, LoRA(μ), HLoRA on SciQ with SmolLM2 (embedded data)")

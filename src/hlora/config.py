@@ -50,6 +50,7 @@ class TrainConfig:
     max_examples: int = 0  # 0 = all training examples of the split
     logging_steps: int = 1
     save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
+    snapshot_steps: list[int] = field(default_factory=list)  # keep the adapter at these steps (snapshots/step-N/)
     shuffle: bool = True  # false = data in order (reproducible global batches, e.g. DDP checks)
     max_grad_norm: float = 1.0  # transformers default; SI reads the gradient before clipping (DESIGN §2)
 
@@ -163,13 +164,10 @@ def from_dict(cls, data: dict, where: str = "config"):
     names = {f.name for f in fields(cls)}
     unknown = [k for k in data if k not in names]
     if unknown:
-        import difflib
+        from .util import did_you_mean
 
-        hint = difflib.get_close_matches(unknown[0], names, n=1)
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + f"; known keys: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], names)}; "
+                          f"known keys: {', '.join(sorted(names))}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 

@@ -36,6 +36,7 @@ from .config import (
     to_dict,
 )
 from .files import write_json
+from .methods import method_class
 from .util import did_you_mean
 
 
@@ -310,6 +311,10 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
         "config": info.get("config") or {"model": dataclasses.asdict(cfg.model)},
         "settings_hash": want, "git_commit": _git_commit(), "versions": _versions(),
     }
+    ends = method_class(cell.method.name).front_ends
+    if ends and cell.point is not None:  # cells that stand for the ends of this row's front
+        base = Cell(ROWS["base"], cell.task, cell.seed, _row_method(cfg, ROWS["base"])).name
+        rec["front_ends"] = {f"{v:g}": base if who == "base" else info.get("source") for v, who in ends.items()}
     if rec["importance_kind"] == "fisher":  # next to a Fisher: what one of the whole model would cost
         ff = _full_fisher(cfg)
         rec.update(full_fisher_bytes=ff["full_bytes"], full_fisher_seconds=ff["full_seconds"])

@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback
 from .config import RunConfig, dump_yaml
 from .data import get_task
 from .data.packing import general_pool, pack
-from .files import append_jsonl, write_text
+from .files import append_jsonl, atomic_dir, write_text
 from .methods import StageContext, build_method
 from .model import load_model, model_fingerprint
 
@@ -123,6 +123,19 @@ class JsonlLogger(TrainerCallback):
                "epoch": round(state.epoch or 0.0, 4)}
         append_jsonl(self.path, rec)
         self.stats.reset()
+
+
+class Snapshots(TrainerCallback):
+    """Keeps the adapter (PEFT format) at chosen steps in snapshots/step-<N>/: a forgetting curve over steps
+    is then one training run and an evaluation per snapshot."""
+
+    def __init__(self, out: Path, steps: list[int]):
+        self.out, self.steps = out, set(steps)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step in self.steps and state.is_world_process_zero:
+            with atomic_dir(self.out / "snapshots" / f"step-{state.global_step}") as tmp:
+                model.save_pretrained(str(tmp))
 
 
 def _training_args(cfg: RunConfig, out: Path, dataset) -> TrainingArguments:
@@ -229,7 +242,8 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
     model.train()
     trainer = PenaltyTrainer(
         model=model, args=_training_args(cfg, out, ds), train_dataset=ds,
-        callbacks=[JsonlLogger(out / "log.jsonl", stats), *method.callbacks(), *extra_callbacks],
+        callbacks=[JsonlLogger(out / "log.jsonl", stats), Snapshots(out, cfg.train.snapshot_steps),
+                   *method.callbacks(), *extra_callbacks],
         loss_fn=method.loss, stats=stats,
     )
     trainer.remove_callback(PrinterCallback)  # log.jsonl has the per-step numbers; no dicts on stdout

@@ -114,3 +114,19 @@ def test_matched_summary_by_hand():
     assert base["ppl"] is None and base["area"] == 0.0 and base["acc_cap"] == pytest.approx(0.60)
     hl = next(r for r in s["rows"] if r["method"] == "hlora")
     assert hl["ppl"] == pytest.approx(24.0) and hl["test"] is None
+
+
+def test_front_takes_the_ends_its_records_name():
+    """WiSE-FT cells name their front's ends (α=0: Base, α=1: the adapter they scale): the front spans them."""
+    from hlora.report.stats import front
+
+    from report_records import cell
+
+    recs = [cell("base", "sciq", 0, 0.70, 30.0), cell("lora_nu_mu", "sciq", 0, 0.90, 33.0)]
+    for a, acc, ppl in ((0.25, 0.75, 30.5), (0.5, 0.82, 31.2)):
+        recs.append(cell("wise", "sciq", 0, acc, ppl, sweep=("alpha", a), main=a == 0.5,
+                         front_ends={"0": "base-sciq-s0", "1": "lora_nu_mu-sciq-s0"}))
+    pts = front(recs, "wise", "sciq")
+    assert [p["sweep"] for p in pts] == [("alpha", 0.0), ("alpha", 0.25), ("alpha", 0.5), ("alpha", 1.0)]
+    assert [p["acc"] for p in pts] == [0.70, 0.75, 0.82, 0.90] and pts[-1]["general_ppl"] == 33.0
+    assert [p["n"] for p in pts] == [1, 1, 1, 1] and not pts[0]["main"]

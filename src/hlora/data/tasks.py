@@ -6,7 +6,6 @@ the model scores (context, " " + choice) and acc_norm divides by len(choice).
 """
 from __future__ import annotations
 
-import difflib
 import random
 from dataclasses import dataclass, field as dfield
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Callable
 from urllib.parse import parse_qsl
 
 from ..assets import AssetError, find_data
+from ..util import did_you_mean
 from .base import DataError, MCQItem
 from .jsonl import field, read_jsonl, sha256_file
 
@@ -219,8 +219,5 @@ def get_task(name: str, data_root: str | Path | None = None, eval_split: str = "
         return MCQTask(kind, BUILTIN_MCQ[kind], root, rest or eval_split)
     if kind in BUILTIN_TEXT:
         return TextTask(kind, BUILTIN_TEXT[kind], root)
-    hint = difflib.get_close_matches(kind, [*BUILTIN_MCQ, *BUILTIN_TEXT, "text", "mcq"], n=1)
-    raise DataError(
-        f"unknown task {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        + f"; known: {', '.join(TASK_NAMES)}"
-    )
+    raise DataError(f"unknown task {name!r}{did_you_mean(kind, [*BUILTIN_MCQ, *BUILTIN_TEXT, 'text', 'mcq'])}; "
+                    f"known: {', '.join(TASK_NAMES)}")

@@ -6,9 +6,9 @@ built on it (no import cycle) and `import hlora` stays light. Adding a method = 
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 
+from ..util import did_you_mean
 from .base import Method, StageContext
 
 REGISTRY: dict[str, str] = {
@@ -25,9 +25,7 @@ REGISTRY: dict[str, str] = {
 
 def method_class(name: str) -> type[Method]:
     if name not in REGISTRY:
-        hint = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        raise ValueError(f"unknown method {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                         + f"; known: {', '.join(REGISTRY)}")
+        raise ValueError(f"unknown method {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(f".{module}", __name__), cls)
 

@@ -55,6 +55,9 @@ class Method:
 
     config_class: ClassVar[type] = MethodConfig
     stages: ClassVar[tuple[str, ...]] = ("domain",)  # the stages this method can run in
+    # Known ends of this method's front: {swept value: "base" | "source"} (WiSE-FT: α=0 is the base model,
+    # α=1 the trained adapter it scales). Records carry them so that a report can draw the whole front.
+    front_ends: ClassVar[dict] = {}
 
     def __init__(self, cfg: MethodConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx

@@ -19,6 +19,7 @@ class WiSEConfig(MethodConfig):
 
 class WiSE(Method):
     config_class = WiSEConfig
+    front_ends = {0.0: "base", 1.0: "source"}
 
     @contextlib.contextmanager
     def evaluation(self, model):

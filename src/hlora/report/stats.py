@@ -109,10 +109,19 @@ def front(records: Iterable[dict], method: str, task: str) -> list[dict]:
     Each point: {"sweep": (param, value) | None, "main": bool, "n", "seeds", and mean/std of
     acc, acc_norm, general_ppl, general_bpb, general_kl}.
     """
+    records = list(records)
     groups: dict[Any, list[dict]] = defaultdict(list)
     for r in records:
         if r["method"] == method and r["task"] == task:
             groups[sweep_key(r)].append(r)
+    # A row whose records name their front's ends (WiSE-FT: α=0 is Base, α=1 the adapter it scales) gets
+    # those cells as its end points, so the front spans the whole trade-off.
+    by_cell = {r.get("cell"): r for r in records}
+    for r in [r for rs in list(groups.values()) for r in rs if r.get("front_ends") and r.get("sweep")]:
+        for value, cell in r["front_ends"].items():
+            end, key = by_cell.get(cell), (r["sweep"]["param"], float(value))
+            if end is not None and all(x["seed"] != end["seed"] for x in groups[key]):
+                groups[key].append({**end, "main": False})
     points = []
     for key in sorted(groups, key=_sort_key):
         rs = groups[key]
