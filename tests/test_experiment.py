@@ -142,7 +142,7 @@ def test_interrupted_cell_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "run_stage", lambda *a, **k: real(*a, extra_callbacks=[Stop()], **k))
     with pytest.raises(KeyboardInterrupt):
         run_cell(cfg, cell, tmp_path / "records")
-    run_dir = tmp_path / "cells" / "lora_mu-sciq-s0" / "run"
+    (run_dir,) = (tmp_path / "runs").glob("sciq-s0-*")
     assert (run_dir / "checkpoints" / "checkpoint-2").exists() and not (run_dir / "DONE").exists()
     assert not (tmp_path / "records" / "lora_mu-sciq-s0.json").exists()
     monkeypatch.setattr(tr, "run_stage", real)

@@ -6,7 +6,9 @@ adapter, as WiSE-FT does), its method config and the field its front sweeps. One
 nothing here asks for a method's name.
 
 Layout: OUT/ (work, never committed: run directories, adapters, caches) holds seed<S>/general/ (stage ν,
-shared by the rows that start from it), cache/ (e.g. the EWC Fisher, shared by seeds), cells/<cell>/run/.
+shared by the rows that start from it), cache/ (e.g. the EWC Fisher, shared by seeds), runs/<task>-s<seed>-
+<settings hash>/ (stage μ: cells that train alike share a run) and evals/ (one evaluation per adapter and
+evaluation setting).
 RECORDS/<cell>.json (default OUT/records) holds one small record per finished cell: a cell with a record
 is done, so a grid whose records are committed resumes on a fresh machine from the repository alone.
 results.json (all records, config order) and report/ are written next to RECORDS.
@@ -44,7 +46,8 @@ from .util import did_you_mean
 class Row:
     id: str
     label: str
-    start: str  # "none" | "fresh" | "nu" | the id of the row whose trained adapter this row evaluates
+    start: str  # "none" | "fresh" | "nu" | "nu_adapter" (the stage-ν adapter itself, no stage μ) | the id of the
+    # row whose trained adapter this row evaluates
     method: tuple = (("name", "none"),)  # method config fields (a tuple of pairs: rows are immutable)
     lora: tuple[str, ...] = ()  # LoRA overrides, e.g. ("rslora=true",)
     sweep: str = ""  # the method field the row's front varies
@@ -53,6 +56,7 @@ class Row:
 _R = Row
 ROWS: dict[str, Row] = {r.id: r for r in [
     _R("base", "Base", "none"),
+    _R("lora_nu", "LoRA(ν) only", "nu_adapter"),  # stage ν alone: how far the general-text adapter itself moves
     _R("lora_mu", "LoRA(μ)", "fresh"),
     _R("lora_nu_mu", "LoRA(ν+μ)", "nu"),
     _R("rslora", "rsLoRA", "fresh", lora=("rslora=true",)),
@@ -88,7 +92,7 @@ class ExperimentConfig:
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> {methods, seeds, sweeps} (thinning)
     tasks: list[str] = field(default_factory=lambda: ["sciq"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    transfer: bool = False  # also evaluate every model on the other tasks (cross-task retention)
+    transfer: str = "none"  # evaluate on the other tasks too (cross-task retention): none | main (cells) | all
     general_data: str = "wikitext"  # stage ν's text: the general pool of every method
     general_eval: str = "wikitext"  # held-out general text (perplexity, KL to the base model)
     data_root: str = ""  # "" = default data search; "embedded" = the subset shipped in the package
@@ -122,7 +126,8 @@ def _row_method(cfg: ExperimentConfig, row: Row, **fields_) -> MethodConfig:
 
 
 def plan(cfg: ExperimentConfig) -> list[Cell]:
-    """Every cell, seed-major (a whole seed's grid lands before the next seed starts)."""
+    """Every cell, task-major (a task's seeds land before the next task starts: the first task's fronts over
+    seeds come first), then seed, then row."""
     for m in cfg.methods:
         if m not in ROWS:
             raise ConfigError(f"methods: unknown method {m!r}{did_you_mean(m, ROWS)}; known: {', '.join(ROWS)}")
@@ -136,11 +141,9 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
         if t not in cfg.tasks:
             raise ConfigError(f"per_task: {t!r} is not one of the tasks {cfg.tasks}")
     cells = []
-    for seed in sorted({s for t in cfg.tasks for s in cfg.per_task.get(t, {}).get("seeds", cfg.seeds)}):
-        for task in cfg.tasks:
-            pt = cfg.per_task.get(task, {})
-            if seed not in pt.get("seeds", cfg.seeds):
-                continue
+    for task in cfg.tasks:
+        pt = cfg.per_task.get(task, {})
+        for seed in pt.get("seeds", cfg.seeds):
             for rid in pt.get("methods", cfg.methods):
                 cells.extend(_row_cells(cfg, ROWS[rid], task, seed, pt.get("sweeps", cfg.sweeps).get(rid, {})))
     return cells
@@ -194,6 +197,14 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         return adapter, {**info, "source": src.name}
     extra: dict = {}
     init, importance, nu_cost = "", "", {}
+    if row.start == "nu_adapter":
+        nu = _nu_run(cfg, cell.seed)
+        s = json.loads((nu / "summary.json").read_text())
+        c = s["costs"]
+        cost = {"steps": 0, "train_seconds": 0.0, "domain_tokens": 0, "general_tokens": c["general_tokens"],
+                "extra_forward_tokens": 0, "nu_steps": s["steps"], "nu_train_seconds": s["train_seconds"]}
+        return nu / "adapter", {"train_seconds": 0.0, "cost": cost, "curve": _curve(nu),
+                                "layer_norms": _layer_norms(nu / "importance.safetensors")}
     if row.start == "nu":
         nu = _nu_run(cfg, cell.seed)
         init, importance = str(nu / "adapter"), str(nu / "importance.safetensors")
@@ -202,8 +213,9 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         extra.update({k: nu_sum[k] for k in ("importance_seconds", "importance_bytes") if k in nu_sum},
                      importance_kind="si", layer_norms=_layer_norms(Path(importance)))
     rc = _stage_config(cfg, cfg.domain, cell.seed, cell.method, data=cell.task, init_adapter=init,
-                       importance_file=importance, out=str(Path(cfg.out) / "cells" / _run_name(cell) / "run"))
+                       importance_file=importance)
     rc = apply_overrides(rc, [f"lora.{o}" for o in row.lora])
+    rc.out = str(Path(cfg.out) / "runs" / _run_name(rc))
     t = time.perf_counter()
     run = _run_or_resume(rc, "domain")
     s = json.loads((run / "summary.json").read_text())
@@ -219,9 +231,16 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
                              "config": dataclasses.asdict(rc)}
 
 
-def _run_name(cell: Cell) -> str:
-    """A training run is shared by cells that train alike: a WiSE row's cells evaluate the source's run."""
-    return cell.name
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _run_name(rc: RunConfig) -> str:
+    """A training run is named by its settings, so cells that train alike share it: a WiSE row evaluates its
+    source's run, and the "-layer,element" ablation is LoRA(ν+μ)'s run."""
+    key = to_dict(rc)
+    key.pop("out"), key.pop("eval")  # where it runs and how it is evaluated do not change the training
+    return f"{rc.data.replace(':', '_').replace('/', '_')}-s{rc.train.seed}-{_digest(key)}"
 
 
 def _layer_norms(path: Path) -> dict | None:
@@ -239,16 +258,34 @@ def _curve(run: Path) -> dict | None:
             "penalty": [r["penalty"] for r in recs]}
 
 
+def _transfer_tasks(cfg: ExperimentConfig, cell: Cell) -> list[str]:
+    if cfg.transfer not in ("none", "main", "all"):
+        raise ConfigError(f"transfer must be none, main or all; got {cfg.transfer!r}")
+    wanted = cfg.transfer == "all" or (cfg.transfer == "main" and cell.main)
+    return [t for t in cfg.tasks if t != cell.task] if wanted else []
+
+
 def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
     """The cell's task, (with cfg.transfer) the other tasks, and the held-out general text."""
     from .eval_recipe import evaluate_checkpoint
     from .methods import StageContext, build_method
 
-    others = [t for t in cfg.tasks if t != cell.task] if cfg.transfer else []
+    from .methods.base import Method
+
+    others = _transfer_tasks(cfg, cell)
     limits = {t: cfg.eval.transfer_limit for t in others if cfg.eval.transfer_limit}
+    tasks = [cell.task, *others, cfg.general_eval]
     method = build_method(cell.method, StageContext(stage="domain")) if adapter is not None else None
-    return evaluate_checkpoint(cfg.model, adapter, [cell.task, *others, cfg.general_eval], cfg.eval,
-                               method=method, limits=limits)["tasks"]
+    # Same adapter, same evaluation: computed once (the "-layer,element" ablation is LoRA(ν+μ)). The method
+    # enters the key only if it changes evaluation (WiSE-FT's α).
+    changes_eval = method is not None and type(method).evaluation is not Method.evaluation
+    key = _digest({"model": to_dict(cfg.model), "adapter": adapter.parent.name if adapter else None,
+                   "method": to_dict(cell.method) if changes_eval else None, "eval": to_dict(cfg.eval),
+                   "tasks": tasks, "limits": limits})
+    cache = Path(cfg.out) / "evals" / f"{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["tasks"]
+    return evaluate_checkpoint(cfg.model, adapter, tasks, cfg.eval, out=cache, method=method, limits=limits)["tasks"]
 
 
 def _full_fisher(cfg: ExperimentConfig) -> dict:
@@ -274,7 +311,7 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
     key = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "general": to_dict(cfg.general),
            "domain": to_dict(cfg.domain), "general_method": to_dict(cfg.general_method), "eval": to_dict(ev),
            "row": dataclasses.asdict(cell.row), "method": to_dict(cell.method), "task": cell.task, "seed": cell.seed,
-           "transfer": [t for t in cfg.tasks if t != cell.task] if cfg.transfer else [],
+           "transfer": _transfer_tasks(cfg, cell),
            "general_data": cfg.general_data, "general_eval": cfg.general_eval}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
