@@ -16,6 +16,7 @@ results.json (all records, config order) and report/ are written next to RECORDS
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import subprocess
@@ -63,7 +64,9 @@ ROWS: dict[str, Row] = {r.id: r for r in [
     _R("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam"),
     _R("hlora", "HLoRA", "nu", (("name", "hlora"),), sweep="phi"),
     _R("hlora_auto", "HLoRA (layer_scale=auto)", "nu", (("name", "hlora"), ("layer_scale", "auto")), sweep="phi"),
-    _R("hlora_norm", "HLoRA (mean-normalised Ω)", "nu", (("name", "hlora"), ("omega_norm", "mean")), sweep="phi"),
+    # Beyond the paper: Ω/mean (scale-free φ) capped at 10× the mean (SI's tail: methods/hlora.py).
+    _R("hlora_norm", "HLoRA (Ω/mean, cap 10)", "nu", (("name", "hlora"), ("omega_norm", "mean"), ("omega_clip", 10.0)),
+       sweep="phi"),
     _R("hlora_no_layer", "HLoRA −layer", "nu", (("name", "hlora"), ("layer_weighting", "uniform")), sweep="phi"),
     # The paper's "-layer,element" ablation: ν then μ with no penalty (same configuration as LoRA(ν+μ)).
     _R("hlora_no_layer_element", "HLoRA −layer,element", "nu"),
@@ -231,6 +234,14 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
                              "config": dataclasses.asdict(rc)}
 
 
+_NOT_RESULTS = ("save_steps", "logging_steps", "snapshot_steps")  # train fields that do not change a result
+
+
+def _train_key(train: TrainConfig | dict) -> dict:
+    d = to_dict(train) if not isinstance(train, dict) else dict(train)
+    return {k: v for k, v in d.items() if k not in _NOT_RESULTS}
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -240,6 +251,7 @@ def _run_name(rc: RunConfig) -> str:
     source's run, and the "-layer,element" ablation is LoRA(ν+μ)'s run."""
     key = to_dict(rc)
     key.pop("out"), key.pop("eval")  # where it runs and how it is evaluated do not change the training
+    key["train"] = _train_key(key["train"])
     return f"{rc.data.replace(':', '_').replace('/', '_')}-s{rc.train.seed}-{_digest(key)}"
 
 
@@ -308,8 +320,8 @@ def _full_fisher(cfg: ExperimentConfig) -> dict:
 def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
     """What determines a cell's result (not where it runs, how fast, or what else the grid holds)."""
     ev = dataclasses.replace(cfg.eval, batch_size=0)
-    key = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "general": to_dict(cfg.general),
-           "domain": to_dict(cfg.domain), "general_method": to_dict(cfg.general_method), "eval": to_dict(ev),
+    key = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "general": _train_key(cfg.general),
+           "domain": _train_key(cfg.domain), "general_method": to_dict(cfg.general_method), "eval": to_dict(ev),
            "row": dataclasses.asdict(cell.row), "method": to_dict(cell.method), "task": cell.task, "seed": cell.seed,
            "transfer": _transfer_tasks(cfg, cell),
            "general_data": cfg.general_data, "general_eval": cfg.general_eval}
@@ -428,6 +440,7 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True) -
             if not done:
                 progress(f"{tag} ...")
             rec = run_cell(cfg, cell, records)
+            gc.collect()  # a cell's model, trainer and penalty sit in reference cycles: free them before the next
             if not done:
                 progress(f"{tag}: acc {rec['acc']:.3f}, general ppl {rec['general_ppl']:.2f} "
                          f"({time.perf_counter() - t0:.0f} s)")

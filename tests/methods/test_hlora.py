@@ -297,3 +297,20 @@ def test_penalty_buffers_follow_the_model(tmp_path):
     model.to("meta")
     val = pen.penalty()
     assert val.device.type == "meta" and pen.omega_0.device.type == "meta"
+
+
+def test_clipped_omega_caps_the_tail_and_weights_follow_it():
+    """omega_clip caps Ω (after mean normalisation); the layer weights come from the Ω the penalty uses."""
+    model = make_model("tiny-llama")
+    imp = synthetic(model, spread=2.0)
+    with torch.no_grad():
+        lora_modules(model)[2].B.add_(0.01)
+    mean = sum(float(v.double().sum()) for v in imp.omega.values()) / sum(v.numel() for v in imp.omega.values())
+    capped = Importance({k: (v / mean).clamp(max=1.5) for k, v in imp.omega.items()}, imp.reference, imp.metadata)
+    pen = HLoRAPenalty(model, imp, phi=0.7, omega_norm="mean", omega_clip=1.5, layer_scale="auto")
+    want = HLoRAPenalty(model, capped, phi=0.7, layer_scale="auto")
+    assert pen.penalty().item() == pytest.approx(want.penalty().item(), rel=1e-5)
+    for n, w in want.layer_weights().items():
+        assert pen.layer_weights()[n] == pytest.approx(w, rel=1e-6)
+    with pytest.raises(ValueError, match="omega_clip"):
+        HLoRAPenalty(model, imp, omega_clip=-1)
