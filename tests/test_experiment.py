@@ -156,3 +156,19 @@ def test_ttest_agrees_with_scipy():
     a, b = [0.1, 0.4, 0.35, 0.8, 0.55], [0.3, 0.2, 0.1, 0.15, 0.05]
     assert ttest(a, b) == pytest.approx(tuple(stats.ttest_ind(a, b, equal_var=False)))
     assert ttest(a, b, paired=True) == pytest.approx(tuple(stats.ttest_rel(a, b)))
+
+
+def test_hashes_ignore_fields_left_at_their_defaults():
+    """A field added later with a default that keeps the old behaviour must not orphan finished runs and
+    committed records: the hashes see only what differs from the defaults."""
+    from hlora.config import method_config
+    from hlora.experiment import _canonical
+
+    assert _canonical(method_config("hlora")) == {"class": "HLoRAConfig"}
+    assert _canonical(method_config("hlora", phi=2.0)) == {"class": "HLoRAConfig", "phi": 2.0}
+    cfg = load_config(ExperimentConfig, CONFIG)
+    from hlora.experiment import settings_hash
+
+    cell = plan(cfg)[0]
+    again = load_config(ExperimentConfig, CONFIG, ["domain.save_steps=7", "eval.batch_size=2"])
+    assert settings_hash(again, plan(again)[0]) == settings_hash(cfg, cell)  # neither changes a result

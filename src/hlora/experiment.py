@@ -237,9 +237,19 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
 _NOT_RESULTS = ("save_steps", "logging_steps", "snapshot_steps")  # train fields that do not change a result
 
 
-def _train_key(train: TrainConfig | dict) -> dict:
-    d = to_dict(train) if not isinstance(train, dict) else dict(train)
-    return {k: v for k, v in d.items() if k not in _NOT_RESULTS}
+def _canonical(cfg) -> Any:
+    """A config as the fields that differ from their defaults (and its class): a field added later with a
+    default that keeps the old behaviour leaves the hashes of finished runs and records unchanged."""
+    if dataclasses.is_dataclass(cfg):
+        out = {"class": type(cfg).__name__}
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if v != default:
+                out[f.name] = _canonical(v)
+        return out
+    return cfg
 
 
 def _digest(obj) -> str:
@@ -249,9 +259,9 @@ def _digest(obj) -> str:
 def _run_name(rc: RunConfig) -> str:
     """A training run is named by its settings, so cells that train alike share it: a WiSE row evaluates its
     source's run, and the "-layer,element" ablation is LoRA(ν+μ)'s run."""
-    key = to_dict(rc)
-    key.pop("out"), key.pop("eval")  # where it runs and how it is evaluated do not change the training
-    key["train"] = _train_key(key["train"])
+    rc = dataclasses.replace(rc, out="", eval=EvalConfig(),  # where it runs, how it is evaluated: not training
+                             train=dataclasses.replace(rc.train, **{k: getattr(TrainConfig(), k) for k in _NOT_RESULTS}))
+    key = _canonical(rc)
     return f"{rc.data.replace(':', '_').replace('/', '_')}-s{rc.train.seed}-{_digest(key)}"
 
 
@@ -319,10 +329,13 @@ def _full_fisher(cfg: ExperimentConfig) -> dict:
 
 def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
     """What determines a cell's result (not where it runs, how fast, or what else the grid holds)."""
-    ev = dataclasses.replace(cfg.eval, batch_size=0)
-    key = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "general": _train_key(cfg.general),
-           "domain": _train_key(cfg.domain), "general_method": to_dict(cfg.general_method), "eval": to_dict(ev),
-           "row": dataclasses.asdict(cell.row), "method": to_dict(cell.method), "task": cell.task, "seed": cell.seed,
+    ev = dataclasses.replace(cfg.eval, batch_size=EvalConfig().batch_size)
+    quiet = {k: getattr(TrainConfig(), k) for k in _NOT_RESULTS}
+    key = {"model": _canonical(cfg.model), "lora": _canonical(cfg.lora),
+           "general": _canonical(dataclasses.replace(cfg.general, **quiet)),
+           "domain": _canonical(dataclasses.replace(cfg.domain, **quiet)),
+           "general_method": _canonical(cfg.general_method), "eval": _canonical(ev),
+           "row": dataclasses.asdict(cell.row), "method": _canonical(cell.method), "task": cell.task, "seed": cell.seed,
            "transfer": _transfer_tasks(cfg, cell),
            "general_data": cfg.general_data, "general_eval": cfg.general_eval}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
