@@ -1,6 +1,8 @@
 """hlora.evaluate on tiny random models: log-likelihoods equal a hand computation from one unpadded
-forward pass, the shared-context (KV cache) path equals the full path, acc_norm divides by
-characters, perplexity windows predict every token once, and PEFT adapters are honoured."""
+forward pass, the shared-context (KV cache) path equals the full path and runs each context and
+each shared continuation prefix once, acc_norm divides by characters, perplexity equals lm-eval's
+rolling windows computed by hand, KL to a reference (or the PEFT base) equals its formula, and
+PEFT adapters are honoured."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hlora.data.base import MCQItem
-from hlora.testing import TINY_TARGETS, tiny_model, tiny_tokenizer
+from hlora.tiny import TINY_TARGETS, tiny_model, tiny_tokenizer
 
 # The module, never the `hlora.evaluate` function that the package exports under the same name.
 ev = importlib.import_module("hlora.evaluate")
@@ -22,7 +24,8 @@ ARCHS = ["tiny-llama", "tiny-gpt-neox", "tiny-gpt2"]
 TOL = 1e-5
 
 # Mixed lengths; a context shared by three continuations (of 1, 2 and several tokens); unshared
-# contexts; a context with trailing whitespace; the empty context.
+# contexts; a context with trailing whitespace; the empty context; continuations of one context
+# that start alike (a shared prefix), and a repeated request.
 REQUESTS = [
     ("The cell is the basic unit", " of life."),
     ("Question: What gas do plants absorb? Answer:", " carbon dioxide"),
@@ -33,6 +36,9 @@ REQUESTS = [
     ("The cell is the basic unit", " of energy in the mitochondria"),
     ("Mercury Venus  ", " Earth"),
     ("1", " 2"),
+    ("Heat makes metal ", "expand in the sun."),
+    ("Heat makes metal ", "expand."),
+    ("To open a jar,", " twist the lid and pull."),
 ]
 
 
@@ -143,6 +149,64 @@ def test_each_shared_context_runs_once(model, tok):
     assert any(past for _, past, _ in calls)  # continuations ran on the cache
 
 
+def test_shared_continuation_prefix_runs_once(model, tok):
+    """Tokens that all continuations of a context start with run once, with the context; each
+    continuation pass then reads only the rest."""
+    enc = ev.encode_requests(tok, REQUESTS)
+    by_ctx = {}
+    for c, x in enc:
+        by_ctx.setdefault(tuple(c), []).append(x)
+    rest, shared = set(), 0
+    for c, xs in by_ctx.items():
+        n = 0
+        while len(xs) > 1 and all(len(x) > n + 1 and x[n] == xs[0][n] for x in xs):
+            n += 1
+        shared += n
+        rest |= {(c, tuple(x[n:-1])) for x in xs if len(x) > n + 1}
+    assert shared >= 3  # " twist the lid" and " expand" are shared
+    ctx_tokens, cont_tokens = [], []
+
+    def hook(_module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        real = int(mask[:, -ids.shape[1]:].sum())
+        (cont_tokens if kwargs.get("past_key_values") is not None else ctx_tokens).append(real)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = ev.loglikelihood(model, tok, REQUESTS, batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert sum(ctx_tokens) == sum(len(c) for c in by_ctx) + shared
+    assert sum(cont_tokens) == sum(len(r) for _, r in rest)
+    assert got[3] == got[-2]  # a repeated request
+    for (a, ag), (c, x) in zip(got, enc):
+        h, hg = hand_ll(model, c, x)
+        assert a == pytest.approx(h, abs=TOL) and ag == hg
+
+
+def test_packed_batches_minimise_padding_plus_passes(monkeypatch):
+    lens = [40, 39, 38, 20, 19, 5, 5, 5, 1]
+    monkeypatch.setattr(ev, "FORWARD_COST", 10)
+    got = ev._packed_batches(lens, int, 1, 200)
+    assert got == [[40, 39, 38], [20, 19], [5, 5, 5, 1]]
+    monkeypatch.setattr(ev, "FORWARD_COST", 1000)  # as few passes as the size cap allows
+    assert ev._packed_batches(lens, int, 1, 60) == [[40], [39], [38], [20, 19], [5, 5, 5, 1]]
+    assert ev._packed_batches(lens, int, 9, 60) == [lens]  # `min_count` items fit whatever their size
+    monkeypatch.setattr(ev, "FORWARD_COST", 0)
+    assert ev._packed_batches(lens, int, 1, 200) == [[40], [39], [38], [20], [19], [5, 5, 5], [1]]
+    assert ev._packed_batches([], int, 1, 200) == []
+
+
+@pytest.mark.parametrize("forward_cost", [0, 10_000])
+def test_continuation_sub_batches_match_hand(model, tok, monkeypatch, forward_cost):
+    """One continuation pass per distinct length (each on a copy of the context cache), or one for all."""
+    monkeypatch.setattr(ev, "FORWARD_COST", forward_cost)
+    got = ev.loglikelihood(model, tok, REQUESTS, batch_size=4, progress=False)
+    for (a, ag), (c, x) in zip(got, REQUESTS):
+        h, hg = hand_ll(model, *lm_eval_tokens(tok, c, x))
+        assert a == pytest.approx(h, abs=TOL) and ag == hg
+
+
 def test_order_independent_of_batching(model, tok):
     a = ev.loglikelihood(model, tok, REQUESTS, batch_size=2, progress=False)
     b = ev.loglikelihood(model, tok, REQUESTS[::-1], batch_size=5, progress=False)[::-1]
@@ -190,55 +254,84 @@ def test_ties_pick_first_index():
     assert ev._argmax([-1.0, -1.0]) == 0
 
 
-def hand_perplexity(model, tok, texts, window):
-    prefix = tok.bos_token_id
-    nll, n = 0.0, 0
-    for text in texts:
-        toks = tok.encode(text)
-        for s in range(0, len(toks), window):
-            tgt = toks[s:s + window]
-            inp = [toks[s - 1] if s else prefix] + tgt[:-1]
-            with torch.no_grad():
-                lp = F.log_softmax(model(torch.tensor([inp])).logits[0].float(), -1)
-            nll -= sum(lp[i, t].item() for i, t in enumerate(tgt))
-            n += len(tgt)
-    return nll, n
+def hand_windows(tok, text, L):
+    """lm-eval's rolling windows (context length 1) written out: (model input, targets) with the
+    targets the last len(targets) predictions of a full-length forward pass over the input."""
+    toks = tok.encode(text)
+    pairs = [([tok.bos_token_id] + toks[:L][:-1], toks[:L])]
+    for start in range(L, len(toks), L):
+        end = min(start + L, len(toks))
+        pairs.append((toks[end - L - 1:end - 1], toks[start:end]))
+    return pairs
 
 
-def test_perplexity_windows_cover_every_token_once(model, tok):
-    texts = [
-        "The cell is the basic unit of life. Water boils at one hundred degrees.",
-        "Heat makes metal expand.",
-        "x",
-        "Photosynthesis converts light energy into chemical energy. " * 3,
-    ]
-    r = ev.perplexity(model, tok, texts, window=5, batch_size=3, progress=False)
-    counts = [len(tok.encode(t)) for t in texts]
-    assert r["per_item"]["n_tokens"] == counts
-    assert r["n_tokens"] == sum(counts)
-    assert r["n_words"] == sum(len(t.split()) for t in texts)
-    assert r["n_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
-    nll, n = hand_perplexity(model, tok, texts, window=5)
-    assert n == r["n_tokens"]
-    assert r["nll"] == pytest.approx(nll, abs=1e-4)
-    assert r["token_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
-    assert r["word_ppl"] == pytest.approx(math.exp(nll / r["n_words"]), rel=1e-5)
-    assert r["bits_per_byte"] == pytest.approx(nll / r["n_bytes"] / math.log(2), rel=1e-5)
+@torch.no_grad()
+def hand_logprobs(model, inp, n):
+    """log-softmax of the last n positions of one unpadded forward pass."""
+    return F.log_softmax(model(torch.tensor([inp])).logits[0, -n:].float(), -1)
 
 
-def test_perplexity_tiny_doc_windows_of_5(tok):
-    model = tiny_model("tiny-llama")
-    doc = "The cell is the basic unit of life."
+def hand_rolling_ll(model, tok, text, L):
+    total = 0.0
+    for inp, tgt in hand_windows(tok, text, L):
+        lp = hand_logprobs(model, inp, len(tgt))
+        total += sum(lp[i, t].item() for i, t in enumerate(tgt))
+    return total
+
+
+PPL_TEXTS = [
+    "The cell is the basic unit of life. Water boils at one hundred degrees.",  # 44 tokens: 2.75 windows of 16
+    "Heat makes metal expand.",  # shorter than a window
+    "x",
+    "Mercury Venus Earth Mars Jupiter Saturn protons neutrons electrons gravity friction. "
+    "To open a jar, twist the lid.",
+    "Photosynthesis converts light energy into chemical energy. " * 3,  # 96 tokens: 6 full windows
+]
+
+
+def test_rolling_windows_follow_lm_eval():
+    toks = list(range(100, 123))  # 23 tokens, windows of 10: 10 + 10 + 3
+    wins = ev.rolling_windows(toks, prefix=7, max_len=10)
+    assert wins[0] == ([7], toks[:10])
+    assert wins[1] == ([toks[9]], toks[10:20])  # a full window: one token of context
+    assert wins[2] == (toks[12:20], toks[20:])  # the last, partial one reads a full window
+    assert all(len(c) + len(t) - 1 <= 10 for c, t in wins)
+    assert [x for _, t in wins for x in t] == toks
+    assert ev.rolling_windows(toks[:4], 7, 10) == [([7], toks[:4])]
+    assert ev.rolling_windows([], 7, 10) == []
+
+
+def test_perplexity_is_lm_eval_rolling_loglikelihood(model, tok):
+    """Per-document log-likelihoods equal full-length forward passes over lm-eval's rolling windows
+    (the last partial window of a document keeps a full window of context)."""
+    L = 16
+    r = ev.perplexity(model, tok, PPL_TEXTS, window=L, batch_size=3, progress=False)
+    counts = [len(tok.encode(t)) for t in PPL_TEXTS]
+    assert counts[0] % L and counts[0] > 2 * L  # the first document ends in a partial window
+    assert r["per_item"]["n_tokens"] == counts and r["n_tokens"] == sum(counts)
+    assert r["n_words"] == sum(len(t.split()) for t in PPL_TEXTS)
+    assert r["n_bytes"] == sum(len(t.encode("utf-8")) for t in PPL_TEXTS)
+    hand = [hand_rolling_ll(model, tok, t, L) for t in PPL_TEXTS]
+    for got, want in zip(r["per_item"]["nll"], hand):
+        assert -got == pytest.approx(want, abs=TOL)
+    nll = -sum(hand)
+    assert r["nll"] == pytest.approx(nll, abs=TOL)
+    assert r["token_ppl"] == pytest.approx(math.exp(nll / r["n_tokens"]), rel=1e-6)
+    assert r["word_ppl"] == pytest.approx(math.exp(nll / r["n_words"]), rel=1e-6)
+    assert r["bits_per_byte"] == pytest.approx(nll / r["n_bytes"] / math.log(2), rel=1e-6)
+    one = ev.perplexity(model, tok, PPL_TEXTS, window=L, batch_size=1, progress=False)
+    for a, b in zip(one["per_item"]["nll"], r["per_item"]["nll"]):
+        assert a == pytest.approx(b, abs=TOL)  # padding and batching change nothing
+
+
+def test_perplexity_short_document_is_one_pass(model, tok):
+    doc = PPL_TEXTS[0]
     toks = tok.encode(doc)
-    assert len(toks) > 5 and len(toks) % 5  # several windows, the last one partial
-    nll, n = hand_perplexity(model, tok, [doc], window=5)
-    r = ev.perplexity(model, tok, [doc], window=5, progress=False)
-    assert r["n_tokens"] == n == len(toks)
-    assert r["token_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
-    # a window as long as the document: one forward from the prefix token
-    r1 = ev.perplexity(model, tok, [doc], window=512, progress=False)
-    nll1, _ = hand_perplexity(model, tok, [doc], window=512)
-    assert r1["nll"] == pytest.approx(nll1, abs=1e-4)
+    lp = hand_logprobs(model, [tok.bos_token_id] + toks[:-1], len(toks))
+    want = sum(lp[i, t].item() for i, t in enumerate(toks))
+    r = ev.perplexity(model, tok, [doc], window=512, progress=False)  # clamped to the model's 256
+    assert r["window"] == 256 and r["n_tokens"] == len(toks)
+    assert -r["nll"] == pytest.approx(want, abs=TOL)
 
 
 def test_perplexity_max_tokens(tok):
@@ -276,6 +369,59 @@ def test_peft_adapter_is_used_and_equals_merged(arch, tok):
     for (a, _), (b, _), (c, _) in zip(got, want, full):
         assert a == pytest.approx(b, abs=1e-4)
         assert a == pytest.approx(c, abs=TOL)
+
+
+def hand_kl(model, ref_logprobs, tok, texts, L):
+    """Mean over predicted tokens of Σ_v p_ref(v) (log p_ref(v) − log p(v)), two separate forwards."""
+    total, n = 0.0, 0
+    for text in texts:
+        for inp, tgt in hand_windows(tok, text, L):
+            lp, lr = hand_logprobs(model, inp, len(tgt)), ref_logprobs(inp, len(tgt))
+            total += (lr.exp() * (lr - lp)).sum().item()
+            n += len(tgt)
+    return total / n, n
+
+
+def test_kl_of_a_model_with_itself_is_zero(tok):
+    model = tiny_model("tiny-gpt2")
+    plain = ev.perplexity(model, tok, PPL_TEXTS, window=16, batch_size=3, progress=False)
+    assert "kl" not in plain
+    for ref in (model, copy.deepcopy(model)):
+        r = ev.perplexity(model, tok, PPL_TEXTS, window=16, batch_size=3, progress=False, kl_reference=ref)
+        assert r["kl"] == pytest.approx(0.0, abs=1e-7) and r["kl_tokens"] == r["n_tokens"]
+        assert r["nll"] == plain["nll"]
+    with pytest.raises(ValueError, match="PEFT"):
+        ev.perplexity(model, tok, PPL_TEXTS, kl_reference="base", progress=False)
+    with pytest.raises(ValueError, match="kl_reference"):
+        ev.perplexity(model, tok, PPL_TEXTS, kl_reference="bsae", progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kl_to_base_matches_explicit_formula(arch, tok):
+    L = 16
+    base = tiny_model(arch)
+    base_copy = copy.deepcopy(base)
+    peft_model = _peft(base, arch)
+    peft_model.train()  # dropout must be off for both distributions
+
+    def base_logprobs(inp, n):
+        with peft_model.disable_adapter():
+            return hand_logprobs(peft_model, inp, n)
+
+    r = ev.perplexity(peft_model, tok, PPL_TEXTS, window=L, batch_size=3, progress=False, kl_reference="base")
+    assert peft_model.training
+    peft_model.eval()
+    want, n = hand_kl(peft_model, base_logprobs, tok, PPL_TEXTS, L)
+    assert want > 1e-3  # the adapter changes the distribution
+    assert r["kl_tokens"] == n == r["n_tokens"]
+    assert r["kl"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert sum(r["per_item"]["kl_sum"]) / n == pytest.approx(r["kl"], rel=1e-9)
+    separate = ev.perplexity(peft_model, tok, PPL_TEXTS, window=L, batch_size=2, progress=False, kl_reference=base_copy)
+    assert separate["kl"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+    assert separate["nll"] == pytest.approx(r["nll"], abs=TOL)
+    task = _Task("text-toy", "text", texts=PPL_TEXTS[:2])
+    out = ev.evaluate(peft_model, tok, [task], ppl_window=L, progress=False, kl_reference="base")
+    assert out["tasks"]["text-toy"]["kl"] > 0
 
 
 def test_restores_mixed_train_eval_flags(tok):

@@ -81,7 +81,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["sciq", "wikitext"])
     limit: int = 0  # 0 = all items
     batch_size: int = 8
-    ppl_window: int = 512  # tokens per non-overlapping perplexity window
+    ppl_window: int = 512  # perplexity: lm-eval rolling windows of this many tokens (its max_length)
     ppl_max_tokens: int = 0  # 0 = whole split
     split: str = "eval"  # eval = the task's held-out split
     kl: bool = False  # also KL(p_base ‖ p_model) per token on the text tasks (one more forward per window)

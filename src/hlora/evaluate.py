@@ -13,15 +13,21 @@ Log-likelihood follows lm-evaluation-harness 0.4.13 (`HFLM`, causal backend) req
 * the model input is `(ctx + cont)[-(max_length + 1):][:-1]`; the result is the sum of the
   log-softmax at the positions that predict `cont`, and whether every one of them is the argmax.
 
-The fast path scores a shared context once: the distinct contexts of a batch run left-padded
-(explicit `position_ids`) with a KV cache; the cache is expanded to one row per continuation and
-all continuations run right-padded, positions continuing after their context. Requests that
-need truncation take the plain full-sequence path (`loglikelihood_full`, lm-eval's way).
+The fast path (`loglikelihood`) scores a shared context once, together with the tokens that all
+its continuations start with: contexts run left-padded (explicit `position_ids`) and keep their
+KV cache; then their continuations run right-padded on copies of their contexts' cache rows,
+positions continuing after their context. Contexts, and the continuations of each context pass,
+are sorted by length and cut into passes that minimise padding plus a fixed cost per pass.
+Requests that need truncation take the plain full-sequence path (`loglikelihood_full`, lm-eval's
+way).
 
-Perplexity (`perplexity`) splits each document into non-overlapping windows: every token is
-predicted exactly once, the first from the prefix token, each later window from the one token
-before it (lm-eval's rolling windows with context length 1). It reports token perplexity, word
-perplexity (whitespace-separated words) and bits per UTF-8 byte over all documents together.
+Perplexity (`perplexity`) follows lm-eval's `loglikelihood_rolling` with `max_length = window`:
+documents are encoded like lm-eval's `tok_encode`, cut into rolling windows (`rolling_windows`) that
+predict every token once, the first from the prefix token, each later one reading a full window of
+the tokens before its end; rows of different lengths run right-padded, and only the logits of
+target positions are kept. It reports token perplexity, word perplexity (whitespace-separated
+words) and bits per UTF-8 byte over all documents together, and optionally the mean KL divergence
+from a reference model (or the PEFT model's base) on the same predictions.
 """
 from __future__ import annotations
 
@@ -32,13 +38,22 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .data.base import MCQItem
+from .util import eval_mode, model_device
 
+# Batching of the shared-context path. A context pass holds `batch_size` contexts, or more while it
+# stays within batch_size * TOKENS_PER_CONTEXT padded tokens; its continuations run in passes of at
+# most that many padded tokens. Passes are cut to minimise padded tokens + FORWARD_COST per pass:
+# on CPU a pass costs about as much as 50 tokens whatever its size (every weight is read from
+# memory once per pass), so short questions need few, full passes.
+TOKENS_PER_CONTEXT = 128
+FORWARD_COST = 48
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer states a length
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
@@ -46,22 +61,9 @@ _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit
 # ----------------------------------------------------------------------------- model helpers
 @contextlib.contextmanager
 def _eval_mode(model):
-    """Eval mode and no autograd for the block; every module's own train/eval flag restored after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    """Eval mode (util.eval_mode) and no autograd for the block."""
+    with eval_mode(model), torch.inference_mode():
+        yield
 
 
 def _base(model):
@@ -117,6 +119,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = torch.tensor(row)
+        mask[r, :len(row)] = 1
+    return ids, mask
+
+
 # ----------------------------------------------------------------------------- encoding
 class _Encoder:
     """lm-eval's tok_encode / _encode_pair, with a cache for contexts shared by several requests."""
@@ -170,9 +182,11 @@ def encode_requests(tokenizer, requests: Sequence[tuple[str, str]], add_special_
 # ----------------------------------------------------------------------------- log-likelihood
 def _score(logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[float, bool]:
     """logprobs [n, V] (log-softmax), targets [n] -> (sum of target log-probs, all greedy)."""
-    ll = logprobs.gather(-1, targets[:, None]).double().sum().item()
-    greedy = bool((logprobs.argmax(-1) == targets).all().item())
-    return float(ll), greedy
+    picked = logprobs.gather(-1, targets[:, None])[:, 0]
+    # greedy = every target is the argmax (its first maximum); amax is far cheaper than argmax,
+    # and argmax only needs to settle ties once every target reaches the maximum
+    greedy = bool((picked == logprobs.amax(-1)).all()) and bool((logprobs.argmax(-1) == targets).all())
+    return float(picked.double().sum().item()), greedy
 
 
 def loglikelihood_full(
@@ -188,7 +202,7 @@ def loglikelihood_full(
     """Reference path, lm-eval's way: one row per request, `(ctx+cont)[-(L+1):][:-1]`, right-padded."""
     encoded = _encoded if _encoded is not None else encode_requests(tokenizer, requests, add_special_tokens)
     L = resolve_max_length(model, tokenizer, max_length)
-    dev = _device(model)
+    dev = model_device(model)
     pad = _pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     out: list[tuple[float, bool] | None] = [None] * len(encoded)
@@ -203,12 +217,7 @@ def loglikelihood_full(
                     raise ValueError(f"request {i} has an empty continuation after tokenization")
                 rows.append((ctx + cont)[-(L + 1):][:-1])
                 conts.append(cont)
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, :len(row)] = torch.tensor(row)
-                mask[r, :len(row)] = 1
+            ids, mask = _right_padded(rows, pad)
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
             for r, i in enumerate(idx):
                 n_in, cont = len(rows[r]), conts[r]
@@ -231,8 +240,10 @@ def loglikelihood(
 ) -> list[tuple[float, bool]]:
     """[(log P(continuation | context), is_greedy)] per request, as lm-eval's HFLM computes them.
 
-    `batch_size` counts distinct contexts per forward pass; each is run once however many
-    continuations share it. `max_length` defaults to the model's (lm-eval's rule)."""
+    A forward pass holds `batch_size` distinct contexts, more when they are short (up to
+    `batch_size * TOKENS_PER_CONTEXT` padded tokens); each context runs once however many
+    continuations share it, and so do the tokens all of them start with. `max_length` defaults to
+    the model's (lm-eval's rule)."""
     encoded = encode_requests(tokenizer, requests, add_special_tokens)
     L = resolve_max_length(model, tokenizer, max_length)
     for i, (_, cont) in enumerate(encoded):
@@ -257,28 +268,34 @@ def loglikelihood(
         for i, r in zip(truncated, res):
             out[i] = r
 
-    keys = sorted(groups, key=len, reverse=True)  # longest first: any memory error shows at once
-    dev = _device(model)
+    # The prefix that all continuations of a context share (PIQA's two solutions often start
+    # alike) runs once, with the context.
+    contexts = [_Context(ctx, _shared_prefix([encoded[i][1] for i in idx]), idx) for ctx, idx in groups.items()]
+    for c in contexts:
+        c.tokens += tuple(encoded[c.requests[0]][1][:c.n])
+    contexts.sort(key=lambda c: -len(c.tokens))  # longest first: any memory error shows at once
+    dev = model_device(model)
     pad = _pad_id(tokenizer)
     keep_last = _accepts(model, "logits_to_keep")
     bar = _progress(len(encoded) - len(truncated), "loglikelihood", progress)
+    budget = max(1, batch_size) * TOKENS_PER_CONTEXT
     with _eval_mode(model):
-        for batch in _length_batches(keys, batch_size):
-            _score_shared(model, batch, groups, encoded, out, dev, pad, keep_last)
-            bar.update(sum(len(groups[k]) for k in batch))
+        for batch in _packed_batches(contexts, lambda c: len(c.tokens), batch_size, budget):
+            _score_contexts(model, batch, encoded, out, dev, pad, keep_last, budget)
+            bar.update(sum(len(c.requests) for c in batch))
     bar.close()
     return out  # type: ignore[return-value]
 
 
-def _length_batches(keys: list, batch_size: int, slack: float = 0.2, min_slack: int = 16):
-    """Consecutive runs of length-sorted (descending) contexts, at most `batch_size` each; a run also
-    ends where padding to its first (longest) context would waste more than `slack` of it
+def _length_batches(keys: list, batch_size: int, slack: float = 0.2, min_slack: int = 16, size=len):
+    """Consecutive runs of length-sorted (descending, by `size`) keys, at most `batch_size` each; a run
+    also ends where padding to its first (longest) key would waste more than `slack` of it
     (and more than `min_slack` tokens): on CPU padded tokens cost as much as real ones."""
     batch: list = []
     for k in keys:
         if batch and (
             len(batch) >= max(1, batch_size)
-            or len(batch[0]) - len(k) > max(slack * len(batch[0]), min_slack)
+            or size(batch[0]) - size(k) > max(slack * size(batch[0]), min_slack)
         ):
             yield batch
             batch = []
@@ -287,8 +304,103 @@ def _length_batches(keys: list, batch_size: int, slack: float = 0.2, min_slack: 
         yield batch
 
 
-def _score_shared(model, ctxs, groups, encoded, out, dev, pad, keep_last):
-    """One batch of distinct contexts: contexts once (left-padded) with a cache, then all continuations."""
+def _packed_batches(items: list, size, min_count: int, max_tokens: int) -> list[list]:
+    """Split length-sorted (descending, by `size`) items into consecutive batches that minimise the
+    padded tokens plus FORWARD_COST per batch (dynamic programming). A batch holds up to
+    `min_count` items, or more while its padded size stays within `max_tokens`."""
+    lens = [size(x) for x in items]
+    n = len(items)
+    best = [0] + [math.inf] * n  # best[j]: cost of the first j items
+    start = [0] * (n + 1)
+    for i in range(n):
+        most = max(min_count, max_tokens // max(lens[i], 1), 1)
+        for j in range(i + 1, min(n, i + most) + 1):
+            cost = best[i] + FORWARD_COST + (j - i) * lens[i]
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    cuts, j = [], n
+    while j > 0:
+        cuts.append((start[j], j))
+        j = start[j]
+    return [items[a:b] for a, b in reversed(cuts)]
+
+
+def _shared_prefix(conts: list[list[int]]) -> int:
+    """Length of the prefix common to all (two or more) continuations, each keeping one own token."""
+    if len(conts) < 2:
+        return 0
+    n, most = 0, min(len(c) for c in conts) - 1
+    while n < most and all(c[n] == conts[0][n] for c in conts):
+        n += 1
+    return n
+
+
+@dataclass
+class _Context:
+    """A distinct context extended by the `n` tokens its continuations share, and its requests."""
+
+    tokens: tuple[int, ...]
+    n: int
+    requests: list[int]
+    # Set by its context pass: the log-prob and greediness of the shared tokens, and the
+    # log-probs [1, V] that predict the first token after them.
+    shared: tuple[float, bool] = (0.0, True)
+    first: torch.Tensor | None = None
+
+
+def _score_contexts(model, contexts, encoded, out, dev, pad, keep_last, budget):
+    """One pass over the contexts, which keeps their cache; then their continuations, in
+    length-packed passes on copies of their contexts' cache rows."""
+    mask, cache = _context_batch(model, contexts, dev, pad, keep_last)
+
+    # Continuation inputs are cont[n:-1] (the last token is only predicted). Requests whose inputs
+    # coincide (ones that differ only in the last token) share a row; some need no row at all.
+    rows: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for b, c in enumerate(contexts):
+        for i in c.requests:
+            cont = encoded[i][1]
+            if len(cont) == c.n + 1:
+                out[i] = _joined(c.shared, _score(c.first, torch.tensor(cont[c.n:], device=dev)))
+            else:
+                rows.setdefault((b, tuple(cont[c.n:-1])), []).append(i)
+
+    by_length = sorted(rows, key=lambda r: -len(r[1]))
+    for sub in _packed_batches(by_length, lambda r: len(r[1]), 1, budget):
+        index = torch.tensor([b for b, _ in sub], device=dev)
+        inputs, starts = [inp for _, inp in sub], [len(contexts[b].tokens) for b, _ in sub]
+        logits = _continuation_pass(
+            model, inputs, starts, mask.index_select(0, index), _select_cache(model, cache, index), dev, pad
+        )
+        for r, (b, inp) in enumerate(sub):
+            c = contexts[b]
+            lp = torch.cat([c.first, F.log_softmax(logits[r, :len(inp)].float(), dim=-1)])
+            for i in rows[(b, inp)]:
+                out[i] = _joined(c.shared, _score(lp, torch.tensor(encoded[i][1][c.n:], device=dev)))
+        del logits
+
+
+def _joined(a: tuple[float, bool], b: tuple[float, bool]) -> tuple[float, bool]:
+    """Scores of consecutive token spans -> score of the whole."""
+    return a[0] + b[0], a[1] and b[1]
+
+
+def _context_batch(model, batch: list[_Context], dev, pad, keep_last):
+    """One context pass; fills each context's shared-prefix score and next-token log-probs, and
+    returns (attention mask, cache as [(keys, values, ...)] per layer)."""
+    keep = 1 + max(c.n for c in batch)
+    mask, logits, cache = _context_pass(model, [c.tokens for c in batch], dev, pad, keep if keep_last else None)
+    for b, c in enumerate(batch):
+        # log-probs that predict the shared tokens, then the first token after them
+        lp = F.log_softmax(logits[b, logits.shape[1] - c.n - 1:].float(), dim=-1)
+        if c.n:
+            c.shared = _score(lp[:-1], torch.tensor(c.tokens[-c.n:], device=dev))
+        c.first = lp[-1:].clone()
+    return mask, list(cache)
+
+
+def _context_pass(model, ctxs, dev, pad, keep: int | None):
+    """Left-padded contexts with explicit positions -> (mask, logits of the last `keep` positions
+    (all if None), cache)."""
     B, Lc = len(ctxs), max(len(c) for c in ctxs)
     ids = torch.full((B, Lc), pad, dtype=torch.long)
     mask = torch.zeros((B, Lc), dtype=torch.long)
@@ -296,49 +408,35 @@ def _score_shared(model, ctxs, groups, encoded, out, dev, pad, keep_last):
         ids[b, Lc - len(c):] = torch.tensor(c)
         mask[b, Lc - len(c):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    kw = {"logits_to_keep": 1} if keep_last else {}
-    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True, **kw)
-    last = F.log_softmax(o.logits[:, -1].float(), dim=-1)  # [B, V]: predicts each first continuation token
-    cache = o.past_key_values
-    del o
+    mask = mask.to(dev)
+    kw = {"logits_to_keep": keep} if keep else {}
+    o = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos.to(dev), use_cache=True, **kw)
+    return mask, o.logits, o.past_key_values
 
-    # Continuation inputs are cont[:-1] (the last token is only predicted). Requests whose inputs
-    # coincide (single-token continuations, or ones that differ only in the last token) share a row.
-    rows: list[tuple[int, tuple[int, ...]]] = []
-    row_of: dict[tuple[int, tuple[int, ...]], int] = {}
-    for b, c in enumerate(ctxs):
-        for i in groups[c]:
-            key = (b, tuple(encoded[i][1][:-1]))
-            if key[1] and key not in row_of:
-                row_of[key] = len(rows)
-                rows.append(key)
-    cont_logits = None
-    if rows:
-        R, M = len(rows), max(len(inp) for _, inp in rows)
-        cids = torch.full((R, M), pad, dtype=torch.long)
-        cmask = torch.zeros((R, M), dtype=torch.long)
-        cpos = torch.zeros((R, M), dtype=torch.long)
-        for r, (b, inp) in enumerate(rows):
-            cids[r, :len(inp)] = torch.tensor(inp)
-            cmask[r, :len(inp)] = 1
-            cpos[r, :len(inp)] = torch.arange(len(ctxs[b]), len(ctxs[b]) + len(inp))
-        index = torch.tensor([b for b, _ in rows], device=dev)
-        cache.reorder_cache(index)  # one cache row per distinct continuation input
-        full_mask = torch.cat([mask.to(dev).index_select(0, index), cmask.to(dev)], dim=1)
-        cont_logits = model(
-            input_ids=cids.to(dev), attention_mask=full_mask, position_ids=cpos.to(dev),
-            past_key_values=cache, use_cache=True,
-        ).logits
-    del cache
 
-    for b, c in enumerate(ctxs):
-        for i in groups[c]:
-            cont = encoded[i][1]
-            lp = last[b:b + 1]
-            if len(cont) > 1:
-                r = row_of[(b, tuple(cont[:-1]))]
-                lp = torch.cat([lp, F.log_softmax(cont_logits[r, :len(cont) - 1].float(), dim=-1)])
-            out[i] = _score(lp, torch.tensor(cont, device=lp.device))
+def _select_cache(model, layers, index):
+    """A new cache holding rows `index` of the cache `layers` ([(keys, values, ...)] per layer)."""
+    from transformers import DynamicCache
+
+    rows = [(k.index_select(0, index), v.index_select(0, index), *rest) for k, v, *rest in layers]
+    return DynamicCache(rows, config=_base(model).config)
+
+
+def _continuation_pass(model, inputs, starts, ctx_mask, cache, dev, pad):
+    """Right-padded continuation inputs after their cached contexts (positions go on from `starts`)."""
+    R, M = len(inputs), max(len(inp) for inp in inputs)
+    ids = torch.full((R, M), pad, dtype=torch.long)
+    mask = torch.zeros((R, M), dtype=torch.long)
+    pos = torch.zeros((R, M), dtype=torch.long)
+    for r, (inp, start) in enumerate(zip(inputs, starts)):
+        ids[r, :len(inp)] = torch.tensor(inp)
+        mask[r, :len(inp)] = 1
+        pos[r, :len(inp)] = torch.arange(start, start + len(inp))
+    full_mask = torch.cat([ctx_mask, mask.to(dev)], dim=1)
+    return model(
+        input_ids=ids.to(dev), attention_mask=full_mask, position_ids=pos.to(dev),
+        past_key_values=cache, use_cache=True,
+    ).logits
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -395,12 +493,65 @@ def evaluate_mcq(
 
 
 # ----------------------------------------------------------------------------- perplexity
-def _windows(tokens: list[int], prefix: int, window: int) -> Iterable[tuple[list[int], list[int]]]:
-    """(inputs, targets) per non-overlapping window: targets cover every token once; inputs are
-    the token before the window (the prefix token for the first) plus the targets but the last."""
-    for s in range(0, len(tokens), window):
-        tgt = tokens[s:s + window]
-        yield [tokens[s - 1] if s else prefix] + tgt[:-1], tgt
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`: (context, targets)
+    pairs that predict every token once. The first predicts up to `max_len` tokens from the prefix
+    token; each later one predicts the next up to `max_len` tokens with the model reading the
+    `max_len` tokens that end just before its last target (a short last window keeps a full window
+    of context). The model input is `(context + targets)[:-1]`, at most `max_len` tokens."""
+    tokens = list(tokens)
+    if not tokens:
+        return []
+    first = min(max_len, len(tokens))
+    out = [([prefix], tokens[:first])]
+    done = first
+    while done < len(tokens):
+        end = min(done + max_len, len(tokens))
+        out.append((tokens[end - max_len - 1:done], tokens[done:end]))
+        done = end
+    return out
+
+
+def _encode_docs(tokenizer, texts: Sequence[str], max_tokens: int) -> list[tuple[list[int], int, int]]:
+    """(tokens, words, UTF-8 bytes) per document; tokens as lm-eval's `tok_encode` makes them."""
+    enc = _Encoder(tokenizer)
+    docs = []
+    budget = max_tokens if max_tokens > 0 else None
+    for text in texts:
+        if budget is not None and budget <= 0:
+            break
+        toks = enc.encode(text)
+        if budget is not None and len(toks) > budget:
+            toks = toks[:budget]
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+        if budget is not None:
+            budget -= len(toks)
+        docs.append((toks, len(text.split()), len(text.encode("utf-8"))))
+    return docs
+
+
+def _reference(model, kl_reference):
+    """(module to call for p_ref, context manager to call it in), or None when no KL is asked."""
+    if kl_reference is None:
+        return None
+    if isinstance(kl_reference, str):
+        if kl_reference != "base":
+            raise ValueError(f"kl_reference must be None, a model or 'base', got {kl_reference!r}")
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise ValueError("kl_reference='base' needs a PEFT model (its adapter is disabled to get the base)")
+        return model, model.disable_adapter
+    if not isinstance(kl_reference, torch.nn.Module):
+        raise ValueError(f"kl_reference must be None, an nn.Module or 'base', got {type(kl_reference).__name__}")
+    return kl_reference, contextlib.nullcontext
+
+
+def _window_logits(model, ids, mask, keep: int):
+    """Logits of the last `keep` columns (right-padded rows); the LM head skips the others if it can."""
+    kw = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
+    return logits[:, -keep:]
 
 
 def perplexity(
@@ -411,57 +562,75 @@ def perplexity(
     batch_size: int = 8,
     max_tokens: int = 0,
     progress: bool = True,
+    kl_reference=None,
 ) -> dict:
-    """Token / word perplexity and bits per byte of `texts`, summed over documents.
+    """Token / word perplexity and bits per byte of `texts`, summed over documents, as lm-eval's
+    `loglikelihood_rolling` computes them with `max_length=window` (see `rolling_windows`).
 
     `max_tokens > 0` scores only the first `max_tokens` tokens of the documents in order (the last
-    document is cut; its words and bytes are those of the decoded kept tokens)."""
+    document is cut; its words and bytes are those of the decoded kept tokens).
+    `kl_reference` (None, an nn.Module, or "base" for this PEFT model with its adapter disabled)
+    adds `kl`: the mean over predicted tokens of KL(p_ref || p_model) in nats, on the same inputs."""
     L = resolve_max_length(model, tokenizer, None)
     window = max(1, min(int(window), L))
     prefix = prefix_token_id(tokenizer)
-    docs: list[tuple[list[int], int, int]] = []  # tokens, words, bytes
-    budget = max_tokens if max_tokens > 0 else None
-    for text in texts:
-        if budget is not None and budget <= 0:
-            break
-        toks = list(tokenizer.encode(text, add_special_tokens=False))
-        if budget is not None and len(toks) > budget:
-            toks = toks[:budget]
-            text = tokenizer.decode(toks)
-        if budget is not None:
-            budget -= len(toks)
-        docs.append((toks, len(text.split()), len(text.encode("utf-8"))))
-
-    wins = [(d, inp, tgt) for d, (toks, _, _) in enumerate(docs) for inp, tgt in _windows(toks, prefix, window)]
+    ref = _reference(model, kl_reference)
+    docs = _encode_docs(tokenizer, texts, max_tokens)
+    # (doc, model input, number of targets at its end, targets), longest inputs first
+    wins = [
+        (d, (ctx + tgt)[:-1], tgt)
+        for d, (toks, _, _) in enumerate(docs) for ctx, tgt in rolling_windows(toks, prefix, window)
+    ]
+    wins.sort(key=lambda w: -len(w[1]))
     nll_doc = [0.0] * len(docs)
+    kl_doc = [0.0] * len(docs)
     count_doc = [0] * len(docs)
-    dev = _device(model)
+    dev = model_device(model)
     pad = _pad_id(tokenizer)
     bar = _progress(sum(len(t) for t, _, _ in docs), "perplexity", progress)
-    with _eval_mode(model):
-        for start in range(0, len(wins), max(1, batch_size)):
-            chunk = wins[start:start + batch_size]
-            width = max(len(inp) for _, inp, _ in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (_, inp, _) in enumerate(chunk):
-                ids[r, :len(inp)] = torch.tensor(inp)
-                mask[r, :len(inp)] = 1
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
-            for r, (d, _, tgt) in enumerate(chunk):
-                lp = F.log_softmax(logits[r, :len(tgt)].float(), dim=-1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_eval_mode(model))
+        if ref is not None and ref[0] is not model:
+            stack.enter_context(_eval_mode(ref[0]))
+        for chunk in _length_batches(wins, batch_size, size=lambda w: len(w[1])):
+            ids, mask = _right_padded([inp for _, inp, _ in chunk], pad)
+            ids, mask = ids.to(dev), mask.to(dev)
+            width = ids.shape[1]
+            keep = width - min(len(inp) - len(tgt) for _, inp, tgt in chunk)  # columns holding targets
+            ref_logits = None
+            if ref is not None:
+                with ref[1]():
+                    ref_logits = _window_logits(ref[0], ids, mask, keep)
+            logits = _window_logits(model, ids, mask, keep)
+            if ref_logits is not None and ref_logits.shape[-1] != logits.shape[-1]:
+                raise ValueError(
+                    f"kl_reference has {ref_logits.shape[-1]} logits per token, the model {logits.shape[-1]}"
+                )
+            for r, (d, inp, tgt) in enumerate(chunk):
+                cols = slice(len(inp) - len(tgt) - (width - keep), len(inp) - (width - keep))
+                lp = F.log_softmax(logits[r, cols].float(), dim=-1)
                 t = torch.tensor(tgt, device=lp.device)
                 nll_doc[d] -= lp.gather(-1, t[:, None]).double().sum().item()
                 count_doc[d] += len(tgt)
-            del logits
+                if ref_logits is not None:
+                    kl_doc[d] += _kl(F.log_softmax(ref_logits[r, cols].float(), dim=-1), lp)
+            del logits, ref_logits
             bar.update(sum(len(t) for _, _, t in chunk))
     bar.close()
+    return _perplexity_result(docs, nll_doc, count_doc, kl_doc if ref is not None else None, window)
 
+
+def _kl(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
+    """Σ over positions of KL(p_ref || p) = Σ_v p_ref(v) (log p_ref(v) − log p(v)); [n, V] log-probs."""
+    return (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
+
+
+def _perplexity_result(docs, nll_doc, count_doc, kl_doc, window: int) -> dict:
     nll = sum(nll_doc)
     n_tokens = sum(count_doc)
     n_words = sum(w for _, w, _ in docs)
     n_bytes = sum(b for _, _, b in docs)
-    return {
+    res = {
         "token_ppl": math.exp(nll / n_tokens) if n_tokens else float("nan"),
         "word_ppl": math.exp(nll / n_words) if n_words else float("nan"),
         "bits_per_byte": nll / (n_bytes * math.log(2)) if n_bytes else float("nan"),
@@ -478,6 +647,11 @@ def perplexity(
             "n_bytes": [b for _, _, b in docs],
         },
     }
+    if kl_doc is not None:
+        res["kl"] = sum(kl_doc) / n_tokens if n_tokens else float("nan")
+        res["kl_tokens"] = n_tokens
+        res["per_item"]["kl_sum"] = kl_doc  # per document, summed over its tokens (like "nll")
+    return res
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -490,9 +664,11 @@ def evaluate(
     ppl_window: int = 512,
     ppl_max_tokens: int = 0,
     progress: bool = True,
+    kl_reference=None,
 ) -> dict:
     """Evaluate on task objects (`.name`, `.kind` "mcq"|"text", `.eval_items(limit)`,
-    `.eval_texts()`, `.describe()`). `limit` caps MCQ items; `ppl_max_tokens` caps text tasks.
+    `.eval_texts()`, `.describe()`). `limit` caps MCQ items; `ppl_max_tokens` caps text tasks;
+    `kl_reference` (None, an nn.Module or "base") adds `kl` to text tasks (see `perplexity`).
 
     Returns {"tasks": {name: {metrics..., "per_item", "seconds", "n", "data"}}}."""
     results: dict[str, dict] = {}
@@ -504,7 +680,7 @@ def evaluate(
         elif task.kind == "text":
             r = perplexity(
                 model, tokenizer, task.eval_texts(), window=ppl_window, batch_size=batch_size,
-                max_tokens=ppl_max_tokens, progress=progress,
+                max_tokens=ppl_max_tokens, progress=progress, kl_reference=kl_reference,
             )
             r["n"] = r["n_docs"]
         else:
