@@ -317,9 +317,8 @@ def bench_eval_vs_lmeval(tasks=("sciq", "piqa"), limit: int = 100, repeats: int 
                 continue
             res = json.loads(res_path.read_text())
         out[task] = {"ratio": res["speedup"], "acc": res.get("acc"), "acc_norm": res.get("acc_norm"),
-                     "items": res.get("items", limit), "seconds": {"lm_eval": res.get("lm_eval_seconds"),
-                                                                  "hlora": res.get("hlora_seconds")},
-                     "max_abs_ll_diff": res.get("max_abs_diff")}
+                     "items": res.get("items", limit), "seconds": res.get("seconds"),
+                     "max_abs_ll_diff": res.get("max_abs_delta_ll"), "threads": res.get("threads")}
     return out
 
 
