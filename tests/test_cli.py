@@ -37,10 +37,12 @@ def test_general_domain_eval_inspect_pipeline(tmp_path, embedded_data, capsys):
     assert log[-1]["penalty"] > 0
     out = tmp_path / "eval.json"
     assert main(["eval", "--model", "tiny-llama", "--adapter", str(mu / "adapter"), "--tasks", "sciq,wikitext",
-                 "--limit", "3", "--out", str(out)]) == 0
+                 "--limit", "3", "eval.kl=true", "ppl_max_tokens=64", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["tasks"]["sciq"]["n"] == 3 and len(res["tasks"]["sciq"]["per_item"]["acc"]) == 3
     assert res["tasks"]["wikitext"]["token_ppl"] > 1
+    # eval.X (as the README and experiment configs spell it) and X are the same EvalConfig field
+    assert res["tasks"]["wikitext"]["kl"] > 0 and res["tasks"]["wikitext"]["n_tokens"] == 64
     printed = capsys.readouterr().out
     assert "| sciq | acc |" in printed and "bits_per_byte" in printed
     assert main(["inspect", str(nu / "importance.safetensors"), "--out", str(tmp_path / "ins")]) == 0

@@ -70,6 +70,9 @@ def test_grid_has_every_method_task_and_figure(tiny_run):
     a = [r for r in main_cells if r["method"] == "lora_nu_mu" and r["task"] == "sciq" and r["seed"] == 0][0]
     b = [r for r in main_cells if r["method"] == "hlora_no_layer_element" and r["task"] == "sciq" and r["seed"] == 0][0]
     assert a["general_ppl"] == pytest.approx(b["general_ppl"], rel=1e-6)
+    # each seed's stage-ν adapter is evaluated on its own (one cache entry per adapter, not per run name)
+    nu = {r["seed"]: r for r in main_cells if r["method"] == "lora_nu" and r["task"] == "sciq"}
+    assert nu[0]["general_ppl"] != nu[1]["general_ppl"] and nu[0]["general_kl"] != nu[1]["general_kl"]
     # WiSE-FT evaluates LoRA(ν+μ)'s adapter: smaller α, closer to Base in KL
     wise = sorted((r["sweep"]["value"], r["general_kl"]) for r in results
                   if r["method"] == "wise_lora_nu_mu" and r["task"] == "sciq" and r["seed"] == 0)

@@ -86,7 +86,9 @@ def cmd_eval(args):
     from .config import EvalConfig, ModelConfig, load_config
     from .eval_recipe import evaluate_checkpoint
 
-    ecfg = load_config(EvalConfig, args.config, _overrides(args))
+    # `eval.kl=true` and `kl=true` both name EvalConfig's field (the experiment config spells it eval.*).
+    over = [o[len("eval."):] if o.startswith("eval.") else o for o in _overrides(args)]
+    ecfg = load_config(EvalConfig, args.config, over)
     if args.tasks:
         ecfg.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.limit is not None:

@@ -234,6 +234,10 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
                              "config": dataclasses.asdict(rc)}
 
 
+# Bumped when evaluate.py changes what it computes: cached evaluations of an older evaluator are not reused.
+EVALUATOR_VERSION = 2  # 2: lm-eval rolling windows for perplexity
+
+
 _NOT_RESULTS = ("save_steps", "logging_steps", "snapshot_steps")  # train fields that do not change a result
 
 
@@ -287,6 +291,18 @@ def _transfer_tasks(cfg: ExperimentConfig, cell: Cell) -> list[str]:
     return [t for t in cfg.tasks if t != cell.task] if wanted else []
 
 
+def _adapter_id(cfg: ExperimentConfig, adapter: Path | None) -> str | None:
+    """The adapter's place in the work directory (seed0/general/adapter, runs/<name>/adapter): its run
+    directory's name alone is "general" for the ν adapter of every seed, which once let seed 1's LoRA(ν)
+    row reuse seed 0's evaluation."""
+    if adapter is None:
+        return None
+    try:
+        return Path(adapter).resolve().relative_to(Path(cfg.out).resolve()).as_posix()
+    except ValueError:
+        return str(Path(adapter).resolve())
+
+
 def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
     """The cell's task, (with cfg.transfer) the other tasks, and the held-out general text."""
     from .eval_recipe import evaluate_checkpoint
@@ -301,7 +317,7 @@ def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
     # Same adapter, same evaluation: computed once (the "-layer,element" ablation is LoRA(ν+μ)). The method
     # enters the key only if it changes evaluation (WiSE-FT's α).
     changes_eval = method is not None and type(method).evaluation is not Method.evaluation
-    key = _digest({"model": to_dict(cfg.model), "adapter": adapter.parent.name if adapter else None,
+    key = _digest({"model": to_dict(cfg.model), "adapter": _adapter_id(cfg, adapter), "evaluator": EVALUATOR_VERSION,
                    "method": to_dict(cell.method) if changes_eval else None, "eval": to_dict(cfg.eval),
                    "tasks": tasks, "limits": limits})
     cache = Path(cfg.out) / "evals" / f"{key}.json"
