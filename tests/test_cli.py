@@ -126,3 +126,6 @@ def test_bench_runs_and_reports_ratios(tmp_path, embedded_data, capsys):
     assert res["train_tokens_per_s"] > 0 and res["eval_tokens_per_s"] > 0
     assert res["eval_speedup_vs_lmeval"] == {"skipped": "--no-lmeval"}
     assert "SI recording overhead" in capsys.readouterr().out
+    assert main(["bench", "--table", str(out)]) == 0  # the README's table, from the JSON alone
+    table = capsys.readouterr().out
+    assert "| `si_overhead` | paper |" in table and "| `storage_ratio_half` |" in table and "tiny-llama" in table

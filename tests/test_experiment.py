@@ -118,6 +118,12 @@ def test_committed_records_alone_resume_the_grid(tiny_run, tmp_path, monkeypatch
     assert main(["run", str(CONFIG), f"out={tmp_path / 'fresh'}", f"records={records}"]) == 0
     assert calls == []
     assert (records.parent / "results.json").is_file() and (records.parent / "report" / "report.md").is_file()
+    # --collect gathers what is there and runs nothing, even where records are missing
+    (records / f"{plan(load_config(ExperimentConfig, CONFIG))[-1].name}.json").unlink()
+    assert main(["run", str(CONFIG), f"out={tmp_path / 'fresh'}", f"records={records}", "--collect"]) == 0
+    assert calls == []
+    collected = json.loads((records.parent / "results.json").read_text())
+    assert len(collected) == len(plan(load_config(ExperimentConfig, CONFIG))) - 1
     # a record made with other settings is not silently taken as this config's result
     with pytest.raises(ConfigError, match="other settings"):
         run_cell(load_config(ExperimentConfig, CONFIG, ["domain.lr=0.5"]), plan(load_config(ExperimentConfig, CONFIG))[1],

@@ -378,8 +378,46 @@ def summary(res: dict) -> str:
     ])
 
 
+def _meets(value: float, target: str) -> str:
+    op, bound = target.split()
+    ok = value <= float(bound) if op == "<=" else value >= float(bound)
+    return "yes" if ok else "**no**"
+
+
+def markdown_table(res: dict) -> str:
+    """The README's table of a bench JSON: every ratio beside its target, and the machine it ran on."""
+    m = res["machine"]
+    rows = ["| key | variant | measured | target | met |", "|---|---|---:|---|---|"]
+
+    def add(key, variant, value, target=None):
+        target = target or TARGETS.get(key)
+        met = _meets(value, target) if target else ""
+        rows.append(f"| `{key}` | {variant} | {value:.3f} | {target or ''} | {met} |")
+
+    for key in ("si_overhead", "penalty_overhead", "fisher_over_si", "matmul_peak_fraction"):
+        for variant, value in res[key].items():
+            add(key, variant, value)
+    for key in ("storage_ratio_fp32", "storage_ratio_half"):
+        add(key, "", res[key])
+    ev = res["eval_speedup_vs_lmeval"]
+    for task, v in ev.items():
+        if isinstance(v, dict) and "ratio" in v:
+            add("eval_speedup_vs_lmeval", f"{task} ({v['items']} items, acc {v['acc']['hlora']:.3f} = "
+                f"{v['acc']['lm_eval']:.3f})", v["ratio"])
+    rows.append(f"| `train_tokens_per_s` | | {res['train_tokens_per_s']:.0f} | | |")
+    rows.append(f"| `eval_tokens_per_s` | | {res['eval_tokens_per_s']:.0f} | | |")
+    cuda = m.get("cuda") or "no GPU"
+    head = (f"`hlora bench --model {res['model']}` on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch "
+            f"threads), {cuda}, torch {m['torch']}; {res['wall_seconds'] / 60:.1f} min.")
+    return head + "\n\n" + "\n".join(rows)
+
+
 def main(args) -> dict:
     from .files import write_json
+
+    if getattr(args, "table", None):  # render a committed JSON, measure nothing
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return {}
 
     res = run(args.model, steps=args.steps, rounds=args.rounds, lmeval=not args.no_lmeval,
               lmeval_limit=args.lmeval_limit)

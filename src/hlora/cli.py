@@ -112,7 +112,7 @@ def cmd_run(args):
     from .config import load_config
 
     cfg = load_config(ExperimentConfig, args.config or args.config_pos, _overrides(args))
-    out = run_experiment(cfg)
+    out = run_experiment(cfg, collect_only=args.collect)
     print(f"results: {out / 'results.json'}; report: {out / 'report'}")
 
 
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="experiment grid methods x tasks x seeds -> results.json + report")
     r.add_argument("config_pos", nargs="?", metavar="CONFIG")
+    r.add_argument("--collect", action="store_true",
+                   help="run nothing: results.json and the report from the records already there (a grid in progress)")
     _add_common(r)
     r.set_defaults(fn=cmd_run)
 
@@ -196,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-lmeval", action="store_true", help="skip the comparison with lm-evaluation-harness")
     b.add_argument("--lmeval-limit", type=int, default=100, help="items per task for the lm-eval comparison")
     b.add_argument("--json", "--out", dest="json", help="write the numbers here (JSON)")
+    b.add_argument("--table", metavar="JSON", help="print the markdown table of a bench JSON (measures nothing)")
     b.set_defaults(fn=cmd_bench)
 
     dm = sub.add_parser("demo", help="the main job: Base, LoRA(μ), HLoRA on SciQ with SmolLM2 (embedded data)")

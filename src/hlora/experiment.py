@@ -447,8 +447,9 @@ def records_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.records) if cfg.records else Path(cfg.out) / "records"
 
 
-def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True) -> Path:
+def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, collect_only: bool = False) -> Path:
     """Run every cell without a record; rewrite results.json after each; write the report.
+    `collect_only`: run nothing, gather the cells that have a record (checked against this config).
     Returns the folder holding results.json (the records' parent)."""
     from .report import write_report
 
@@ -465,6 +466,8 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True) -
         for i, cell in enumerate(cells, 1):
             tag = f"[{i}/{len(cells)}] {cell.name}"
             done = (records / f"{cell.name}.json").exists()
+            if collect_only and not done:
+                continue
             t0 = time.perf_counter()
             if not done:
                 progress(f"{tag} ...")
@@ -474,7 +477,11 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True) -
                 progress(f"{tag}: acc {rec['acc']:.3f}, general ppl {rec['general_ppl']:.2f} "
                          f"({time.perf_counter() - t0:.0f} s)")
             results.append(rec)
-            write_json(home / "results.json", results)
+            if not collect_only:
+                write_json(home / "results.json", results)
+    if collect_only:
+        progress(f"{len(results)} of {len(cells)} cells have a record")
+        write_json(home / "results.json", results)
     if report:
         write_report(home / "results.json", home / "report")
     return home

@@ -30,7 +30,8 @@ from transformers import TrainerCallback
 
 from .files import atomic_path
 from .importance import Importance
-from .lora import adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked, to_weight_layout, update_delta_w
+from .lora import (WorkBuffers, adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked,
+                   to_weight_layout, update_delta_w)
 
 CLAMPS = ("step", "end", "none")
 GRADS = ("paper", "exact")
@@ -195,6 +196,7 @@ class SIRecorder:
         self._lr_of: dict[int, dict] = {}
         self._lr_optimizer = None
         self._hooks: list = []
+        self._work = WorkBuffers()  # δ and g̃ of each step, kept across steps (see WorkBuffers)
         refs = lora_modules(model)
         for ref in refs:
             if ref.adapter in getattr(ref.module, "lora_variant", {}):
@@ -344,10 +346,11 @@ class SIRecorder:
             self._device = dev
 
     @staticmethod
-    def _pseudo_grad(g: _Group) -> torch.Tensor:
-        """g̃ = s·(gB·A + B·gA − η·gB·gA) = s·(gB·(A − η·gA) + B·gA), [n, out, in]."""
-        out = torch.bmm(g.gB * g.scale, g.A - g.lr * g.gA)
-        return out.baddbmm_(g.B * g.scale, g.gA)
+    def _pseudo_grad(g: _Group, out: torch.Tensor | None = None) -> torch.Tensor:
+        """g̃ = s·(gB·A + B·gA − η·gB·gA) = s·(gB·(A − η·gA) + B·gA), [n, out, in]: one batched matmul of
+        the factors side by side (the ΔW-sized result written once, see lora.update_delta_w)."""
+        left = torch.cat((g.gB * g.scale, g.B * g.scale), dim=-1)
+        return torch.bmm(left, torch.cat((g.A - g.lr * g.gA, g.gA), dim=-2), out=out)
 
     @torch.no_grad()
     @_timed
@@ -360,8 +363,10 @@ class SIRecorder:
         for g in self._groups:
             if not skipped:
                 A1, B1 = g.current()
-                delta = update_delta_w(g.scale, g.A, g.B, A1, B1)
-                grad = g.G if self.grad == "exact" else self._pseudo_grad(g)
+                shape, dt, dev = g.omega.shape, g.omega.dtype, g.omega.device
+                delta = update_delta_w(g.scale, g.A, g.B, A1, B1, out=self._work.get(("delta", shape), shape, dt, dev))
+                grad = g.G if self.grad == "exact" else self._pseudo_grad(
+                    g, out=self._work.get(("grad", shape), shape, dt, dev))
                 g.omega.addcmul_(grad, delta, value=-1.0)
                 del delta, grad
                 if self.clamp == "step":

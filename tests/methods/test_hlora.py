@@ -314,3 +314,36 @@ def test_clipped_omega_caps_the_tail_and_weights_follow_it():
         assert pen.layer_weights()[n] == pytest.approx(w, rel=1e-6)
     with pytest.raises(ValueError, match="omega_clip"):
         HLoRAPenalty(model, imp, omega_clip=-1)
+
+
+def test_kept_buffers_give_the_same_gradients_when_graphs_overlap():
+    """D and G live across steps (lora.WorkBuffers); a second penalty() before the first one's backward must
+    not overwrite the G that backward needs, and a later step reuses the kept memory."""
+    model = make_model("tiny-llama")
+    imp = synthetic(model)
+    with torch.no_grad():
+        for r in lora_modules(model):
+            r.A.mul_(1.3)
+    pen = HLoRAPenalty(model, imp, phi=0.5)
+    params = [p for r in lora_modules(model) for p in (r.A, r.B)]
+    want_val = independent_penalty(model, imp, pen.layer_weights(), 0.5)
+    want = torch.autograd.grad(want_val, params)
+    first = pen.penalty()
+    with torch.no_grad():  # move the adapter: the second graph's G differs from the first's
+        for r in lora_modules(model):
+            r.B.mul_(0.5)
+    want2 = torch.autograd.grad(independent_penalty(model, imp, pen.layer_weights(), 0.5), params)
+    second = pen.penalty()  # both graphs alive: the second gets its own G
+    got = torch.autograd.grad(first + second, params)
+    for g, w, w2 in zip(got, want, want2):
+        assert float((g - w - w2).norm() / (w + w2).norm()) < 1e-5
+    want_val = independent_penalty(model, imp, pen.layer_weights(), 0.5)
+    want = want2
+    kept = pen._work[0]._bufs["G"].data_ptr()
+    for _ in range(2):  # one graph at a time (a training step): the kept G is reused, values stay right
+        val = pen.penalty()
+        got = torch.autograd.grad(val, params)
+        assert val.item() == pytest.approx(want_val.item(), rel=1e-5)
+        assert pen._work[0]._bufs["G"].data_ptr() == kept
+        for g, w in zip(got, want):
+            assert float((g - w).norm() / w.norm()) < 1e-5

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,8 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..importance import Importance
-from ..lora import adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked, to_weight_layout
+from ..lora import (WorkBuffers, adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked,
+                    to_weight_layout)
 from .base import Method
 
 WEIGHTINGS = ("softmax", "uniform")
@@ -52,20 +54,29 @@ class _WeightedSquaredDrift(torch.autograd.Function):
 
     R is ΔW^ν, either stored whole (`ref`, [n, out, in]) or as its factors (`ref_b` = s·B^ν [n, out, r],
     `ref_a` = A^ν [n, r, in]): then ΔW^ν costs no memory traffic (D = s·B·A − s·B^ν·A^ν, two rank-r
-    products). Forward keeps G = Ω ⊙ D for backward (dP/dA = 2ws·Bᵀ·G, dP/dB = 2ws·G·Aᵀ): one Ω-sized
-    tensor per group lives from forward to backward, where recomputing D would cost three more passes over
-    Ω-sized memory and a product (measured on SmolLM2 q,v: 43 -> ~18 ms per step)."""
+    products, exactly 0 at ΔW^ν). Forward keeps G = Ω ⊙ D for backward (dP/dA = 2ws·Bᵀ·G,
+    dP/dB = 2ws·G·Aᵀ): recomputing D there would cost three more passes over Ω-sized memory and a product.
+    D and G live in `work` (lora.WorkBuffers) across steps; G is taken from it only while no other graph
+    still holds it (a second penalty() before the first one's backward gets a fresh G)."""
 
     @staticmethod
-    def forward(ctx, weight, scale, omega, ref, ref_b, ref_a, n: int, *params):
+    def forward(ctx, work, weight, scale, omega, ref, ref_b, ref_a, n: int, *params):
         As, Bs = params[:n], params[n:]
         A, B = stacked(As, omega.dtype), stacked(Bs, omega.dtype)
+        shape, dt, dev = omega.shape, omega.dtype, omega.device
+        D = work.get("D", shape, dt, dev)
         if ref is None:
-            D = torch.bmm(B * scale, A).baddbmm_(ref_b, ref_a, alpha=-1.0)  # exactly 0 at ΔW^ν
+            torch.bmm(B * scale, A, out=D).baddbmm_(ref_b, ref_a, alpha=-1.0)  # exactly 0 at ΔW^ν
         else:
-            D = batched_delta_w(B, A, scale).sub_(ref)
-        G = D * omega
-        val = (torch.linalg.vecdot(G.flatten(1), D.flatten(1)) * weight.view(-1)).sum()
+            batched_delta_w(B, A, scale, out=D).sub_(ref)
+        owner = getattr(work, "owner", None)
+        if owner is not None and owner() is not None:  # another graph's backward still needs the kept G
+            G = torch.mul(D, omega)
+        else:
+            G = torch.mul(D, omega, out=work.get("G", shape, dt, dev))
+            work.owner = weakref.ref(ctx)  # dies with this graph (backward run or graph dropped)
+        dots = D.mul_(G).flatten(1).sum(1)  # Σ Ω D² per module; D is scratch from here on
+        val = (dots * weight.view(-1)).sum()
         ctx.save_for_backward(weight, scale, G, A, B)
         ctx.n = n
         ctx.dtypes = [p.dtype for p in params]
@@ -79,7 +90,7 @@ class _WeightedSquaredDrift(torch.autograd.Function):
         gA = torch.bmm(B.transpose(1, 2), G).mul_(coef)
         gB = torch.bmm(G, A.transpose(1, 2)).mul_(coef)
         grads = [gA[k].to(ctx.dtypes[k]) for k in range(n)] + [gB[k].to(ctx.dtypes[n + k]) for k in range(n)]
-        return (None, None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, None, *grads)
 
 
 def _parse_layer_scale(layer_scale):
@@ -186,6 +197,7 @@ class HLoRAPenalty(nn.Module):
                 self.register_buffer(f"refb_{gi}", ref_b, persistent=False)
                 self.register_buffer(f"refa_{gi}", ref_a, persistent=False)
                 self.register_buffer(f"scale_{gi}", scale, persistent=False)
+        object.__setattr__(self, "_work", [WorkBuffers() for _ in self._groups])  # per group: D, G across steps
         self._weights = self._compute_weights()
         for gi, idx in enumerate(self._groups):
             w = torch.tensor([self._weights[i] for i in idx], dtype=torch.float32, device=refs[idx[0]].A.device)
@@ -240,7 +252,7 @@ class HLoRAPenalty(nn.Module):
         for gi, idx in enumerate(self._groups):
             rs = [self._refs[i] for i in idx]
             term = _WeightedSquaredDrift.apply(
-                getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
+                self._work[gi], getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
                 getattr(self, f"ref_{gi}"), getattr(self, f"refb_{gi}"), getattr(self, f"refa_{gi}"), len(rs),
                 *[r.A for r in rs], *[r.B for r in rs],
             )
