@@ -67,9 +67,11 @@ def style(records: Iterable[dict]) -> dict[str, dict]:
     """A fixed colour and marker per row (order of first appearance); Base a black star."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
     rows = [m for m in row_order(records) if m != BASE]
-    out = {m: {"color": cmap(i % 10), "marker": _MARKERS[i % len(_MARKERS)]} for i, m in enumerate(rows)}
+    # tab10 for up to ten rows; beyond, tab20's dark shades then its light ones (no colour used twice)
+    cmap, n = (matplotlib.colormaps["tab10"], 10) if len(rows) <= 10 else (matplotlib.colormaps["tab20"], 20)
+    order = list(range(n)) if n == 10 else list(range(0, 20, 2)) + list(range(1, 20, 2))
+    out = {m: {"color": cmap(order[i % n]), "marker": _MARKERS[i % len(_MARKERS)]} for i, m in enumerate(rows)}
     out[BASE] = {"color": "black", "marker": "*"}
     return out
 
@@ -135,6 +137,29 @@ def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_
         handles.setdefault(f"acc* = {_tex_safe(ref_label)} main accuracy", h)
 
 
+def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict) -> None:
+    """A row far above the others (e.g. a method that broke the model) would squash every front into a
+    line: cap the y axis at p75 + 3·IQR of the values and name what lies above at the top edge."""
+    vals = sorted(r[metric] for r in recs if r.get(metric) is not None)
+    if len(vals) < 4:
+        return
+    q1, q3 = float(np.percentile(vals, 25)), float(np.percentile(vals, 75))
+    top = q3 + 3 * max(q3 - q1, 1e-12)
+    if vals[-1] <= top:
+        return
+    lo = min(vals[0], ax.get_ylim()[0])
+    ax.set_ylim(lo, top + 0.08 * (top - lo))
+    over: dict[str, list[float]] = {}
+    for r in recs:
+        if r.get(metric) is not None and r[metric] > top:
+            over.setdefault(r["method"], []).append(r[metric])
+    for k, (m, vs) in enumerate(over.items()):
+        x = 100 * float(np.mean([r["acc"] for r in recs if r["method"] == m]))
+        ax.annotate(f"{_tex_safe(labels.get(m, m))}: {max(vs):.3g} ↑", (x, top), xytext=(0, -10 - 9 * k),
+                    textcoords="offset points", fontsize=7, ha="center", color=styles[m]["color"],
+                    arrowprops={"arrowstyle": "-|>", "color": styles[m]["color"], "lw": 0.8})
+
+
 def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, reference: str = REFERENCE,
                 cap_ratio: float = CAP_RATIO) -> Path | None:  # fmt: skip
     """Domain accuracy (x) against general perplexity (y) on one task, each row's front drawn as a line
@@ -159,6 +184,7 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
                 handles.setdefault(label, _draw_front(ax, pts, metric, styles[m], label, m == BASE))
         cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
         _guides(ax, cap, cap_ratio, acc_ref, labels.get(reference, reference), handles)
+        _clip_outliers(ax, recs, metric, labels, styles)
         ax.set_xlabel("domain accuracy % (higher is better)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
