@@ -6,6 +6,7 @@ Shared by the SI recorder, the penalties and the Fisher code so that "a LoRA mod
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -165,3 +166,50 @@ def adapter_fingerprint(model: nn.Module) -> str:
         for t in (r.A, r.B):
             h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class WeightedSquaredDrift(torch.autograd.Function):
+    """Σ_k w_k Σ Ω_k ⊙ (s_k·B_k·A_k − R_k)² over a group of equally shaped modules (stacked [n, out, in]).
+
+    HLoRA's penalty (Ω = SI importance, R = ΔW^ν) and EWC-LoRA's (Ω = Fisher, R = 0, w = 1) are both this.
+    R is stored whole (`ref`, [n, out, in]), as its factors (`ref_b` = s·B^ν [n, out, r], `ref_a` = A^ν
+    [n, r, in]: then ΔW^ν costs no memory traffic, D = s·B·A − s·B^ν·A^ν, two rank-r products, exactly 0 at
+    ΔW^ν), or absent (all three None: R = 0). Forward keeps G = Ω ⊙ D for backward (dP/dA = 2ws·Bᵀ·G,
+    dP/dB = 2ws·G·Aᵀ): recomputing D there would cost three more passes over Ω-sized memory and a product.
+    D and G live in `work` (lora.WorkBuffers) across steps; G is taken from it only while no other graph
+    still holds it (a second penalty() before the first one's backward gets a fresh G)."""
+
+    @staticmethod
+    def forward(ctx, work, weight, scale, omega, ref, ref_b, ref_a, n: int, *params):
+        As, Bs = params[:n], params[n:]
+        A, B = stacked(As, omega.dtype), stacked(Bs, omega.dtype)
+        shape, dt, dev = omega.shape, omega.dtype, omega.device
+        D = work.get("D", shape, dt, dev)
+        if ref_b is not None:
+            torch.bmm(B * scale, A, out=D).baddbmm_(ref_b, ref_a, alpha=-1.0)  # exactly 0 at ΔW^ν
+        else:
+            batched_delta_w(B, A, scale, out=D)
+            if ref is not None:
+                D.sub_(ref)
+        owner = getattr(work, "owner", None)
+        if owner is not None and owner() is not None:  # another graph's backward still needs the kept G
+            G = torch.mul(D, omega)
+        else:
+            G = torch.mul(D, omega, out=work.get("G", shape, dt, dev))
+            work.owner = weakref.ref(ctx)  # dies with this graph (backward run or graph dropped)
+        dots = D.mul_(G).flatten(1).sum(1)  # Σ Ω D² per module; D is scratch from here on
+        val = (dots * weight.view(-1)).sum()
+        ctx.save_for_backward(weight, scale, G, A, B)
+        ctx.n = n
+        ctx.dtypes = [p.dtype for p in params]
+        return val
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale, G, A, B = ctx.saved_tensors
+        n = ctx.n
+        coef = weight * scale * (2.0 * grad_out.to(G.dtype))  # [n, 1, 1]: applied to the small results
+        gA = torch.bmm(B.transpose(1, 2), G).mul_(coef)
+        gB = torch.bmm(G, A.transpose(1, 2)).mul_(coef)
+        grads = [gA[k].to(ctx.dtypes[k]) for k in range(n)] + [gB[k].to(ctx.dtypes[n + k]) for k in range(n)]
+        return (None, None, None, None, None, None, None, None, *grads)

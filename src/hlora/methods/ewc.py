@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..data.packing import batches
-from ..lora import LoraRef, delta_w, lora_modules
+from ..lora import LoraRef, WeightedSquaredDrift, WorkBuffers, delta_w, group_modules, lora_modules, to_weight_layout
 from ..util import adapter_disabled, eval_mode, model_device, requires_grad
 from .base import Method
 
@@ -230,36 +230,53 @@ class EWCPenalty(nn.Module):
     def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float = 0.5):
         super().__init__()
         self.lam = float(lam)
-        self._refs = lora_modules(model)
-        self._keys: list[str] = []
-        for i, ref in enumerate(self._refs):
+        refs = lora_modules(model)
+        object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
+        for ref in refs:
             if ref.name not in fisher:
                 raise ValueError(f"Fisher has no entry for LoRA module {ref.name!r}")
-            f = fisher[ref.name]
-            w = ref.base_weight
+            f, w = fisher[ref.name], ref.base_weight
             if tuple(f.shape) != tuple(w.shape):
                 raise ValueError(
                     f"Fisher for {ref.name!r} has shape {tuple(f.shape)}, base weight has {tuple(w.shape)}"
                 )
-            key = f"fisher_{i}"
-            self.register_buffer(key, f.detach().to(device=w.device, dtype=torch.float32).clone())
-            self._keys.append(key)
-        extra = sorted(set(fisher) - {r.name for r in self._refs})
+        extra = sorted(set(fisher) - {r.name for r in refs})
         if extra:
             raise ValueError(f"Fisher has an entry for {extra[0]!r}, which is not a LoRA module of the model")
+        # Modules of one shape stacked (lora.group_modules, as the HLoRA penalty and the SI recorder do): the
+        # penalty is lora.WeightedSquaredDrift with Ω = F, no reference and unit weights.
+        self._groups = group_modules(refs)
+        object.__setattr__(self, "_work", [WorkBuffers() for _ in self._groups])
+        for gi, idx in enumerate(self._groups):
+            rs = [refs[i] for i in idx]
+            dev = rs[0].A.device
+            f = torch.stack([to_weight_layout(r, fisher[r.name].detach()).to(device=dev, dtype=torch.float32)
+                             for r in rs])
+            self.register_buffer(f"fisher_{gi}", f)
+            self.register_buffer(f"scale_{gi}", torch.tensor([r.scale for r in rs], dtype=torch.float32,
+                                                             device=dev).view(-1, 1, 1), persistent=False)
+            self.register_buffer(f"weight_{gi}", torch.ones(len(rs), 1, 1, device=dev), persistent=False)
 
     def fisher(self) -> dict[str, torch.Tensor]:
-        return {r.name: getattr(self, k) for r, k in zip(self._refs, self._keys)}
+        """F per module, in the base weight's layout."""
+        out = {}
+        for gi, idx in enumerate(self._groups):
+            f = getattr(self, f"fisher_{gi}")
+            for k, i in enumerate(idx):
+                out[self._refs[i].name] = to_weight_layout(self._refs[i], f[k])
+        return out
 
     def penalty(self) -> torch.Tensor:
         total = None
-        for ref, key in zip(self._refs, self._keys):
-            d = delta_w(ref)
-            f = getattr(self, key)
-            if f.device != d.device:  # the model moved after this was built: follow it, once
-                f = f.to(d.device)
-                setattr(self, key, f)
-            term = (f * d.float().pow(2)).sum()
+        for gi, idx in enumerate(self._groups):
+            rs = [self._refs[i] for i in idx]
+            dev = rs[0].A.device
+            if getattr(self, f"fisher_{gi}").device != dev:  # the model moved after this was built: follow it
+                for part in ("fisher", "scale", "weight"):
+                    setattr(self, f"{part}_{gi}", getattr(self, f"{part}_{gi}").to(dev))
+            term = WeightedSquaredDrift.apply(
+                self._work[gi], getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"),
+                getattr(self, f"fisher_{gi}"), None, None, None, len(rs), *[r.A for r in rs], *[r.B for r in rs])
             total = term if total is None else total + term.to(total.device)
         return self.lam * total
 
