@@ -181,3 +181,11 @@ def test_hashes_ignore_fields_left_at_their_defaults():
     cell = plan(cfg)[0]
     again = load_config(ExperimentConfig, CONFIG, ["domain.save_steps=7", "eval.batch_size=2"])
     assert settings_hash(again, plan(again)[0]) == settings_hash(cfg, cell)  # neither changes a result
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG.parent.glob("*.yaml")))
+def test_every_shipped_config_loads_and_plans(name):
+    """A config in configs/ that no longer matches the schema fails here, not on a user's machine."""
+    cfg = load_config(ExperimentConfig, CONFIG.parent / name)
+    cells = plan(cfg)
+    assert cells and all(c.row.id in ROWS for c in cells)
