@@ -196,4 +196,4 @@ def test_every_shipped_config_loads_and_plans(name):
         cells = plan(load_config(ExperimentConfig, path))
         assert cells and all(c.row.id in ROWS for c in cells)
     else:
-        assert load_config(RunConfig, path).train.max_steps > 0
+        assert load_config(RunConfig, path).train.lr > 0
