@@ -105,3 +105,21 @@ def test_retention_and_compute_tables():
     assert comp["hlora"]["wall_seconds"] == pytest.approx(12.0) and comp["hlora"]["n"] == 2
     assert comp["base"]["wall_seconds"] is None
     assert "| HLoRA | 2 | 12.0 | — | 60 | 1,000 | — | — |" in compute_markdown(list(comp.values()))
+
+
+def test_front_points_table_lists_each_sweep_point_as_seed_means():
+    from hlora.report.tables import front_points_markdown
+
+    recs = [normalize_record(r) for r in [
+        cell("base", "sciq", 0, 0.60, 30.0, label="Base", kl=0.0),
+        cell("hlora", "sciq", 0, 0.80, 25.0, label="HLoRA", sweep=("phi", 1.0), kl=0.2),
+        cell("hlora", "sciq", 1, 0.90, 27.0, label="HLoRA", sweep=("phi", 1.0), kl=0.4),
+        cell("hlora", "sciq", 0, 0.70, 24.0, label="HLoRA", sweep=("phi", 10.0), main=False, kl=0.1),
+        # a WiSE-FT point whose front borrows Base (α=0) as an end: the table shows only its own points
+        cell("wise", "sciq", 0, 0.75, 28.0, label="WiSE", sweep=("alpha", 0.5), kl=0.05,
+             front_ends={"0": "base-sciq-s0"}),
+    ]]  # fmt: skip
+    md = front_points_markdown(recs, "sciq")
+    assert "| HLoRA phi = 1 / 10 | 85.0 / 70.0 | 26.00 / 24.00 | 0.300 / 0.100 | 0,1 |" in md
+    assert "| WiSE alpha = 0.5 | 75.0 | 28.00 | 0.050 | 0 |" in md
+    assert "| Base | 60.0 | 30.00 | 0.000 | 0 |" in md

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from .load import main_cells, row_labels, row_order, task_label, task_order
-from .stats import COST_FIELDS, aggregate, mean_std
+from .stats import COST_FIELDS, aggregate, front, mean_std
 
 __all__ = [
     "ABLATION_METHODS",
+    "front_points_markdown",
     "results_grid",
     "grid_markdown",
     "grid_csv",
@@ -474,3 +475,33 @@ def compute_markdown(rows: Sequence[dict]) -> str:
 def compute_csv(rows: Sequence[dict]) -> str:
     return _csv(["method", "label", "cells", *COST_FIELDS],
                 [[r["method"], r["label"], r["n"]] + [_num(r[k]) for k in COST_FIELDS] for r in rows])  # fmt: skip
+
+
+def front_points_markdown(records: Iterable[dict], task: str) -> str:
+    """Every row's front on one task, a line per row: its sweep values and, per point, the seed means of
+    domain accuracy, general perplexity and KL to Base (the numbers behind fronts_<task>.png)."""
+    records = list(records)
+    recs = [r for r in records if r["task"] == task]
+    labels = row_labels(records)
+    rows = []
+    for m in row_order(recs):
+        pts = [p for p in front(recs, m, task) if p["n"]]
+        own = [p for p in pts if not (p["sweep"] and _is_end(recs, m, p))]  # not the ends borrowed from other rows
+        param = next((p["sweep"][0] for p in own if p["sweep"]), None)
+        name = _md_escape(labels.get(m, m))
+        if param:
+            name += f" {param} = " + " / ".join(f"{p['sweep'][1]:g}" for p in own)
+        seeds = sorted({s for p in own for s in p["seeds"]})
+
+        def col(metric, scale=1.0, digits=2):
+            return " / ".join("—" if p[metric] is None else f"{scale * p[metric]:.{digits}f}" for p in own)
+
+        rows.append([name, col("acc", 100.0, 1), col("general_ppl"), col("general_kl", digits=3),
+                     ",".join(map(str, seeds))])
+    return "\n".join(_md_table(["Row (sweep)", "Acc %", "PPL ↓", "KL to Base ↓", "seeds"], rows)) + "\n"
+
+
+def _is_end(recs: list[dict], method: str, point: dict) -> bool:
+    """A point that only stands for a front's end (WiSE-FT's α=0 Base and α=1 source cells)."""
+    return not any(r["method"] == method and r.get("sweep") and float(r["sweep"]["value"]) == point["sweep"][1]
+                   for r in recs)

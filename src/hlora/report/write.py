@@ -84,6 +84,8 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
         "compute": "### Compute per method\n\n" + T.compute_markdown(compute),
         "complexity": T.complexity_markdown(comp, "Importance cost: SI (HLoRA) vs Fisher (EWC-LoRA)"),
         "significance": T.significance_markdown(seed_significance(records, reference), labels, reference),
+        "fronts": "".join(f"### Front points: {task_label(t)} (seed means)\n\n" + T.front_points_markdown(records, t)
+                          + "\n" for t in task_order(records)),
     }
     out.put("table1.csv", T.grid_csv(t1))
     out.put("table2.csv", T.grid_csv(t2))
@@ -251,7 +253,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, reference: str =
     md = _table_sections(records, reference, out)
     fronts = _figures(records, reference, out)
     out.notes += [f"{name} skipped: {reason}." for name, reason in out.skipped.items()]
-    order = ("matched", "main", "ablation", "retention", "compute", "complexity")
+    order = ("matched", "fronts", "main", "ablation", "retention", "compute", "complexity")
     sections = [md[k] for k in order if md[k]] + ["### Significance over seeds\n", md["significance"]]
     out.put("tables.md", "\n".join(sections))
     out.put("report.md", _report_md(records, results_path.name, md, fronts, reference, out))
