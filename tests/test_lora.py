@@ -27,7 +27,7 @@ def test_weighted_squared_drift_matches_direct_formula(mode):
                          "none": (None, None, None)}[mode]
     want_ref = torch.zeros_like(ref_full) if mode == "none" else ref_full
     want = sum(weight[k, 0, 0] * (omega[k] * (scale[k] * B[k] @ A[k] - want_ref[k]) ** 2).sum() for k in range(n))
-    got = WeightedSquaredDrift.apply(WorkBuffers(), weight, scale, omega, ref, ref_b, ref_a, n, *A, *B)
+    got = WeightedSquaredDrift.apply(WorkBuffers(), 0, weight, scale, omega, ref, ref_b, ref_a, n, *A, *B)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
     for g, w in zip(torch.autograd.grad(got, A + B), torch.autograd.grad(want, A + B)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

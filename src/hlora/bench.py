@@ -397,8 +397,8 @@ def markdown_table(res: dict) -> str:
     m = res["machine"]
     rows = ["| key | variant | measured | target | met |", "|---|---|---:|---|---|"]
 
-    def add(key, variant, value, target=None):
-        target = target or TARGETS.get(key)
+    def add(key, variant, value):
+        target = TARGETS.get(key)
         met = _meets(value, target) if target else ""
         rows.append(f"| `{key}` | {variant} | {value:.3f} | {target or ''} | {met} |")
 

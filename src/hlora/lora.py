@@ -137,11 +137,12 @@ class WorkBuffers:
 
     Why: on CPU a fresh tensor of tens of MB comes from the OS as untouched pages, and faulting them in
     costs more than the arithmetic done in them (SmolLM2's 30 stacked q_proj ΔW, 40 MB: `torch.bmm`
-    8.5 ms into a new tensor, 1.1 ms into a kept one). The SI recorder and the HLoRA penalty write
-    their per-step ΔW-sized results here instead of allocating them each step."""
+    8.5 ms into a new tensor, 1.1 ms into a kept one). The SI recorder and the HLoRA and EWC penalties
+    write their per-step ΔW-sized results here instead of allocating them each step."""
 
     def __init__(self):
         self._bufs: dict = {}
+        self._holders: dict = {}
 
     def get(self, key, shape, dtype: torch.dtype, device) -> torch.Tensor:
         t = self._bufs.get(key)
@@ -150,8 +151,14 @@ class WorkBuffers:
             self._bufs[key] = t
         return t
 
-    def clear(self) -> None:
-        self._bufs.clear()
+    def take(self, key, shape, dtype: torch.dtype, device, holder) -> torch.Tensor:
+        """`get` for a tensor that outlives the call (saved for backward by `holder`): the kept one, unless
+        the previous holder (weakly referenced: it dies with its autograd graph) still holds it."""
+        prev = self._holders.get(key)
+        if prev is not None and prev() is not None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        self._holders[key] = weakref.ref(holder)
+        return self.get(key, shape, dtype, device)
 
 
 def adapter_fingerprint(model: nn.Module) -> str:
@@ -176,27 +183,22 @@ class WeightedSquaredDrift(torch.autograd.Function):
     [n, r, in]: then ΔW^ν costs no memory traffic, D = s·B·A − s·B^ν·A^ν, two rank-r products, exactly 0 at
     ΔW^ν), or absent (all three None: R = 0). Forward keeps G = Ω ⊙ D for backward (dP/dA = 2ws·Bᵀ·G,
     dP/dB = 2ws·G·Aᵀ): recomputing D there would cost three more passes over Ω-sized memory and a product.
-    D and G live in `work` (lora.WorkBuffers) across steps; G is taken from it only while no other graph
-    still holds it (a second penalty() before the first one's backward gets a fresh G)."""
+    D (scratch, shared by the groups of one shape) and G (this group's, key `key`) live in `work`
+    (lora.WorkBuffers) across steps; a second penalty() before the first one's backward gets a fresh G."""
 
     @staticmethod
-    def forward(ctx, work, weight, scale, omega, ref, ref_b, ref_a, n: int, *params):
+    def forward(ctx, work, key, weight, scale, omega, ref, ref_b, ref_a, n: int, *params):
         As, Bs = params[:n], params[n:]
         A, B = stacked(As, omega.dtype), stacked(Bs, omega.dtype)
         shape, dt, dev = omega.shape, omega.dtype, omega.device
-        D = work.get("D", shape, dt, dev)
+        D = work.get(("D", tuple(shape)), shape, dt, dev)
         if ref_b is not None:
             torch.bmm(B * scale, A, out=D).baddbmm_(ref_b, ref_a, alpha=-1.0)  # exactly 0 at ΔW^ν
         else:
             batched_delta_w(B, A, scale, out=D)
             if ref is not None:
                 D.sub_(ref)
-        owner = getattr(work, "owner", None)
-        if owner is not None and owner() is not None:  # another graph's backward still needs the kept G
-            G = torch.mul(D, omega)
-        else:
-            G = torch.mul(D, omega, out=work.get("G", shape, dt, dev))
-            work.owner = weakref.ref(ctx)  # dies with this graph (backward run or graph dropped)
+        G = torch.mul(D, omega, out=work.take(("G", key), shape, dt, dev, holder=ctx))
         dots = D.mul_(G).flatten(1).sum(1)  # Σ Ω D² per module; D is scratch from here on
         val = (dots * weight.view(-1)).sum()
         ctx.save_for_backward(weight, scale, G, A, B)
@@ -212,4 +214,4 @@ class WeightedSquaredDrift(torch.autograd.Function):
         gA = torch.bmm(B.transpose(1, 2), G).mul_(coef)
         gB = torch.bmm(G, A.transpose(1, 2)).mul_(coef)
         grads = [gA[k].to(ctx.dtypes[k]) for k in range(n)] + [gB[k].to(ctx.dtypes[n + k]) for k in range(n)]
-        return (None, None, None, None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, None, None, None, *grads)

@@ -339,11 +339,11 @@ def test_kept_buffers_give_the_same_gradients_when_graphs_overlap():
         assert float((g - w - w2).norm() / (w + w2).norm()) < 1e-5
     want_val = independent_penalty(model, imp, pen.layer_weights(), 0.5)
     want = want2
-    kept = pen._work[0]._bufs["G"].data_ptr()
+    kept = pen._work._bufs[("G", 0)].data_ptr()
     for _ in range(2):  # one graph at a time (a training step): the kept G is reused, values stay right
         val = pen.penalty()
         got = torch.autograd.grad(val, params)
         assert val.item() == pytest.approx(want_val.item(), rel=1e-5)
-        assert pen._work[0]._bufs["G"].data_ptr() == kept
+        assert pen._work._bufs[("G", 0)].data_ptr() == kept
         for g, w in zip(got, want):
             assert float((g - w).norm() / w.norm()) < 1e-5

@@ -246,7 +246,7 @@ class EWCPenalty(nn.Module):
         # Modules of one shape stacked (lora.group_modules, as the HLoRA penalty and the SI recorder do): the
         # penalty is lora.WeightedSquaredDrift with Ω = F, no reference and unit weights.
         self._groups = group_modules(refs)
-        object.__setattr__(self, "_work", [WorkBuffers() for _ in self._groups])
+        object.__setattr__(self, "_work", WorkBuffers())  # D per shape, G per group, kept across steps
         for gi, idx in enumerate(self._groups):
             rs = [refs[i] for i in idx]
             dev = rs[0].A.device
@@ -275,7 +275,7 @@ class EWCPenalty(nn.Module):
                 for part in ("fisher", "scale", "weight"):
                     setattr(self, f"{part}_{gi}", getattr(self, f"{part}_{gi}").to(dev))
             term = WeightedSquaredDrift.apply(
-                self._work[gi], getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"),
+                self._work, gi, getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"),
                 getattr(self, f"fisher_{gi}"), None, None, None, len(rs), *[r.A for r in rs], *[r.B for r in rs])
             total = term if total is None else total + term.to(total.device)
         return self.lam * total

@@ -152,7 +152,7 @@ class HLoRAPenalty(nn.Module):
                 self.register_buffer(f"refb_{gi}", ref_b, persistent=False)
                 self.register_buffer(f"refa_{gi}", ref_a, persistent=False)
                 self.register_buffer(f"scale_{gi}", scale, persistent=False)
-        object.__setattr__(self, "_work", [WorkBuffers() for _ in self._groups])  # per group: D, G across steps
+        object.__setattr__(self, "_work", WorkBuffers())  # D per shape, G per group, kept across steps
         self._weights = self._compute_weights()
         for gi, idx in enumerate(self._groups):
             w = torch.tensor([self._weights[i] for i in idx], dtype=torch.float32, device=refs[idx[0]].A.device)
@@ -207,7 +207,7 @@ class HLoRAPenalty(nn.Module):
         for gi, idx in enumerate(self._groups):
             rs = [self._refs[i] for i in idx]
             term = WeightedSquaredDrift.apply(
-                self._work[gi], getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
+                self._work, gi, getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
                 getattr(self, f"ref_{gi}"), getattr(self, f"refb_{gi}"), getattr(self, f"refa_{gi}"), len(rs),
                 *[r.A for r in rs], *[r.B for r in rs],
             )
