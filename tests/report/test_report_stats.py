@@ -11,6 +11,7 @@ from scipy import stats
 from hlora.report import (
     acc_under_cap,
     dominated_area,
+    head_to_head,
     interp_ppl_at_acc,
     matched_summary,
     paired_matched_test,
@@ -130,3 +131,46 @@ def test_front_takes_the_ends_its_records_name():
     assert [p["sweep"] for p in pts] == [("alpha", 0.0), ("alpha", 0.25), ("alpha", 0.5), ("alpha", 1.0)]
     assert [p["acc"] for p in pts] == [0.70, 0.75, 0.82, 0.90] and pts[-1]["general_ppl"] == 33.0
     assert [p["n"] for p in pts] == [1, 1, 1, 1] and not pts[0]["main"]
+    assert [p["end"] for p in pts] == [True, False, False, True]  # borrowed ends are flagged
+
+
+def test_ttest_without_variance_is_nan():
+    """Accuracies k/150 that differ by the same k on every seed: rounding must not make p = 1e-15."""
+    a = [0.9133333333333333, 0.9066666666666666]
+    b = [a[0] - 2 / 150, a[1] - 2 / 150 + 1e-17]
+    assert math.isnan(ttest(a, b, paired=True)[1])
+    assert math.isnan(ttest([1.0, 1.0], [2.0, 2.0])[1])
+    assert not math.isnan(ttest([1.0, 1.0], [2.0, 2.5])[1])  # one group varies: Welch is defined
+
+
+def test_head_to_head_pairs_every_point_with_the_reference_by_seed():
+    recs = [normalize_record(r) for r in [
+        cell("hlora", "sciq", 0, 0.80, 24.0, sweep=("phi", 1.0), label="HLoRA", kl=0.20),
+        cell("hlora", "sciq", 1, 0.82, 25.0, sweep=("phi", 1.0), label="HLoRA", kl=0.22),
+        cell("hlora", "sciq", 2, 0.78, 23.0, sweep=("phi", 1.0), label="HLoRA", kl=0.21),
+        cell("base", "sciq", 0, 0.60, 30.0, label="Base", kl=0.0),
+        cell("base", "sciq", 1, 0.60, 30.0, label="Base", kl=0.0),
+        cell("x", "sciq", 0, 0.81, 22.0, sweep=("rho", 0.5), main=True, label="X", kl=0.30),
+        cell("x", "sciq", 1, 0.80, 24.5, sweep=("rho", 0.5), main=True, label="X", kl=0.33),
+        cell("x", "sciq", 2, 0.79, 21.0, sweep=("rho", 0.5), main=True, label="X", kl=0.31),
+        cell("x", "sciq", 3, 0.99, 10.0, sweep=("rho", 0.5), main=True, label="X", kl=0.0),  # no reference: out
+        cell("x", "sciq", 0, 0.70, 20.0, sweep=("rho", 0.9), main=False, label="X"),  # one seed: no p
+        cell("w", "sciq", 0, 0.70, 27.0, sweep=("alpha", 0.5), label="W", front_ends={"0": "base-sciq-s0"}),
+    ]]  # fmt: skip
+    h = head_to_head(recs, "sciq")
+    assert h["ref_seeds"] == [0, 1, 2] and h["ref"]["general_ppl"] == pytest.approx(24.0)
+    x = [r for r in h["rows"] if r["method"] == "x"]
+    assert [r["sweep"] for r in x] == [("rho", 0.5), ("rho", 0.9)]
+    mine, theirs = [22.0, 24.5, 21.0], [24.0, 25.0, 23.0]
+    assert x[0]["seeds"] == [0, 1, 2] and x[0]["general_ppl"] == pytest.approx(np.mean(mine))
+    assert x[0]["d_general_ppl"] == pytest.approx(np.mean(np.subtract(mine, theirs)))
+    assert x[0]["p_general_ppl"] == pytest.approx(stats.ttest_rel(mine, theirs).pvalue, rel=1e-9)
+    assert x[0]["p_general_kl"] == pytest.approx(stats.ttest_rel([0.30, 0.33, 0.31], [0.20, 0.22, 0.21]).pvalue)
+    assert x[0]["d_acc"] == pytest.approx(0.0) and x[1]["seeds"] == [0] and math.isnan(x[1]["p_acc"])
+    assert x[1]["d_general_kl"] is None  # that cell has no KL
+    base = next(r for r in h["rows"] if r["method"] == "base")
+    assert base["seeds"] == [0, 1] and base["d_acc"] == pytest.approx(-0.21)
+    w = [r for r in h["rows"] if r["method"] == "w"]
+    assert [r["sweep"] for r in w] == [("alpha", 0.5)]  # the borrowed α=0 end (Base) is Base's row, not W's
+    ref = next(r for r in h["rows"] if r["method"] == "hlora")
+    assert ref["main"] and ref["d_general_ppl"] == 0.0

@@ -7,6 +7,7 @@ import math
 
 import pytest
 from report_records import ROW_IDS, TASKS, cell, make_results
+from scipy import stats
 
 from hlora import report
 from hlora.report import load_results, write_report
@@ -123,3 +124,20 @@ def test_front_points_table_lists_each_sweep_point_as_seed_means():
     assert "| HLoRA phi = 1 / 10 | 85.0 / 70.0 | 26.00 / 24.00 | 0.300 / 0.100 | 0,1 |" in md
     assert "| WiSE alpha = 0.5 | 75.0 | 28.00 | 0.050 | 0 |" in md
     assert "| Base | 60.0 | 30.00 | 0.000 | 0 |" in md
+
+
+def test_head_to_head_table_shows_differences_with_paired_p():
+    from hlora.report.stats import head_to_head
+    from hlora.report.tables import head_to_head_markdown
+
+    recs = [normalize_record(r) for r in [
+        cell("hlora", "sciq", 0, 0.80, 25.0, label="HLoRA", sweep=("phi", 1.0), kl=0.2),
+        cell("hlora", "sciq", 1, 0.90, 27.0, label="HLoRA", sweep=("phi", 1.0), kl=0.4),
+        cell("replay", "sciq", 0, 0.82, 22.0, label="Replay", sweep=("rho", 0.5), kl=0.3),
+        cell("replay", "sciq", 1, 0.88, 23.0, label="Replay", sweep=("rho", 0.5), kl=0.6),
+    ]]  # fmt: skip
+    md = head_to_head_markdown(head_to_head(recs, "sciq"))
+    p = stats.ttest_rel([22.0, 23.0], [25.0, 27.0]).pvalue  # ΔPPL -3, -4
+    assert f"| Replay | rho = 0.5 | 85.0 | +0.0 (1.000) | 22.50 | -3.50 ({p:.3f}) | 0.450 | +0.150 (" in md
+    assert "| HLoRA | phi = 1 (reference) | 85.0 | +0.0 (n/a) | 26.00 | +0.00 (n/a) |" in md
+    assert "HLoRA's main cell (acc 85.0 %, PPL 26.00, KL 0.300; seeds 0,1)" in md

@@ -30,6 +30,7 @@ from .stats import (
     matched_summary,
     mean_std,
     paired_matched_test,
+    head_to_head,
     seed_significance,
     ttest,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "acc_under_cap",
     "dominated_area",
     "paired_matched_test",
+    "head_to_head",
     "matched_summary",
     "results_grid",
     "grid_markdown",

@@ -31,6 +31,7 @@ __all__ = [
     "reference_accuracy",
     "base_point",
     "paired_matched_test",
+    "head_to_head",
     "matched_summary",
     "transfer_summary",
     "compute_summary",
@@ -60,6 +61,12 @@ def ttest(a: Sequence[float], b: Sequence[float], paired: bool = False) -> tuple
     b = np.asarray(b, dtype=float).ravel()
     if paired and a.shape != b.shape:
         raise ValueError(f"paired t-test needs equal lengths, got {a.size} and {b.size}")
+    # Values equal up to rounding (accuracies k/n differing by the same k on every seed) have no
+    # variance: scipy would return a p of 1e-15 from the rounding error.
+    if a.size and b.size:
+        spread = np.ptp(a - b) if paired else max(np.ptp(a), np.ptp(b))
+        if spread <= 1e-12 * max(1.0, float(np.abs(np.concatenate([a, b])).max())):
+            return math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
@@ -106,8 +113,9 @@ def _sort_key(key: tuple[str, float] | None) -> tuple:
 def front(records: Iterable[dict], method: str, task: str) -> list[dict]:
     """Seed-mean points of one row on one task, one per sweep value, ordered by that value.
 
-    Each point: {"sweep": (param, value) | None, "main": bool, "n", "seeds", and mean/std of
-    acc, acc_norm, general_ppl, general_bpb, general_kl}.
+    Each point: {"sweep": (param, value) | None, "main": bool, "n", "seeds", "end" (True for a point
+    made only of end cells borrowed from other rows), and mean/std of acc, acc_norm, general_ppl,
+    general_bpb, general_kl}.
     """
     records = list(records)
     groups: dict[Any, list[dict]] = defaultdict(list)
@@ -121,12 +129,13 @@ def front(records: Iterable[dict], method: str, task: str) -> list[dict]:
         for value, cell in r["front_ends"].items():
             end, key = by_cell.get(cell), (r["sweep"]["param"], float(value))
             if end is not None and all(x["seed"] != end["seed"] for x in groups[key]):
-                groups[key].append({**end, "main": False})
+                groups[key].append({**end, "main": False, "_end": True})
     points = []
     for key in sorted(groups, key=_sort_key):
         rs = groups[key]
         p: dict[str, Any] = {"sweep": key, "main": any(r["main"] for r in rs), "n": len(rs),
-                             "seeds": sorted({r["seed"] for r in rs})}  # fmt: skip
+                             "seeds": sorted({r["seed"] for r in rs}),
+                             "end": all(r.get("_end") for r in rs)}  # fmt: skip
         for metric in _METRICS:
             p[metric], p[metric + "_std"] = _stat(rs, metric)
         points.append(p)
@@ -236,6 +245,51 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
     diff = float(np.mean(np.subtract(a, b))) if a else math.nan
     t, p = ttest(a, b, paired=True) if len(a) >= 2 else (math.nan, math.nan)
     return {"diff": diff, "n": len(a), "t": t, "p": p, "seeds": seeds}
+
+
+_H2H_METRICS = ("acc", "general_ppl", "general_kl")
+
+
+def head_to_head(records: Iterable[dict], task: str, reference: str = REFERENCE) -> dict:
+    """Every row's own front points against the reference's main cell, paired seed by seed.
+
+    "At the same domain gain" without interpolation: where domain accuracy saturates, the accuracy
+    at which `matched_summary` interpolates is itself noise. Here each point (one sweep value of a
+    row) is set against the reference's main cell of the same seed: per metric (acc, general_ppl,
+    general_kl) the mean of row − reference over the seeds both have, and a paired t-test of the two
+    (p is nan for fewer than two seeds). A point whose accuracy difference is small and not
+    significant compares with the reference at equal domain gain. End points borrowed from other
+    rows (WiSE-FT's α=0, 1) are left out: they are those rows' own points.
+
+    Returns {"task", "reference", "ref": {metric: seed mean}, "rows": [{"method", "label", "sweep",
+    "main", "seeds", metric: seed mean, "d_"+metric, "p_"+metric}]}.
+    """
+    records = [r for r in records if r["task"] == task]
+    labels = row_labels(records)
+    ref = {r["seed"]: r for r in main_cells(records) if r["method"] == reference}
+    per_seed = {s: [r for r in records if r["seed"] == s] for s in ref}
+    rows = []
+    for m in row_order(records):
+        by_point: dict[Any, dict[int, dict]] = defaultdict(dict)
+        for s, recs in per_seed.items():
+            for p in front(recs, m, task):
+                if not p["end"]:
+                    by_point[p["sweep"]][s] = p
+        for key in sorted(by_point, key=_sort_key):
+            pts = by_point[key]
+            row: dict[str, Any] = {"method": m, "label": labels[m], "sweep": key, "seeds": sorted(pts),
+                                   "main": any(p["main"] for p in pts.values())}  # fmt: skip
+            for metric in _H2H_METRICS:
+                seeds = [s for s, p in pts.items() if p[metric] is not None and ref[s].get(metric) is not None]
+                mine = [pts[s][metric] for s in seeds]
+                theirs = [ref[s][metric] for s in seeds]
+                row[metric] = float(np.mean(mine)) if mine else None
+                row["d_" + metric] = float(np.mean(np.subtract(mine, theirs))) if mine else None
+                row["p_" + metric] = ttest(mine, theirs, paired=True)[1] if len(mine) >= 2 else math.nan
+            rows.append(row)
+    ref_mean = {k: float(np.mean(v)) if (v := [r[k] for r in ref.values() if r.get(k) is not None]) else None
+                for k in _H2H_METRICS}  # fmt: skip
+    return {"task": task, "reference": reference, "ref": ref_mean, "ref_seeds": sorted(ref), "rows": rows}
 
 
 def base_point(records: list[dict], task: str) -> tuple[float, float] | None:

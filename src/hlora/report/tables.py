@@ -357,7 +357,9 @@ def item_tests_markdown(comps: dict[str, dict], labels: dict[str, str], a: str, 
 def _matched_cells(s: dict, row: dict) -> list[str]:
     """Display cells of one row of the matched-accuracy table (plain text, Markdown-safe)."""
     t = row["test"]
-    seeds = f" ({row['ppl_n']} seed{'s' if row['ppl_n'] != 1 else ''})" if row["ppl"] is not None else ""
+    # ppl_n counts the seeds whose own front reaches acc*: none can while the seed-mean front does
+    n = row["ppl_n"]
+    seeds = "" if row["ppl"] is None else " (seed means only)" if n == 0 else f" ({n} seed{'s' if n != 1 else ''})"
     ppl = _fmt(row["ppl"], row["ppl_std"]) + seeds
     kl = "—" if row["kl"] is None else f"{row['kl']:.4f}"
     test = ["—", "—", "—"] if t is None or t["n"] == 0 else [f"{t['diff']:+.3f}", str(t["n"]), _fmt_p(t["p"])]
@@ -486,7 +488,7 @@ def front_points_markdown(records: Iterable[dict], task: str) -> str:
     rows = []
     for m in row_order(recs):
         pts = [p for p in front(recs, m, task) if p["n"]]
-        own = [p for p in pts if not (p["sweep"] and _is_end(recs, m, p))]  # not the ends borrowed from other rows
+        own = [p for p in pts if not p["end"]]  # not the ends borrowed from other rows
         param = next((p["sweep"][0] for p in own if p["sweep"]), None)
         name = _md_escape(labels.get(m, m))
         if param:
@@ -501,7 +503,35 @@ def front_points_markdown(records: Iterable[dict], task: str) -> str:
     return "\n".join(_md_table(["Row (sweep)", "Acc %", "PPL ↓", "KL to Base ↓", "seeds"], rows)) + "\n"
 
 
-def _is_end(recs: list[dict], method: str, point: dict) -> bool:
-    """A point that only stands for a front's end (WiSE-FT's α=0 Base and α=1 source cells)."""
-    return not any(r["method"] == method and r.get("sweep") and float(r["sweep"]["value"]) == point["sweep"][1]
-                   for r in recs)
+# ----------------------------------------------------------------------------- head to head
+
+def _delta(d: float | None, p: float, scale: float = 1.0, digits: int = 2) -> str:
+    if d is None:
+        return "—"
+    v = round(scale * d, digits) + 0.0  # + 0.0: no "-0.00" from rounding noise
+    return f"{v:+.{digits}f} ({_fmt_p(p)})"
+
+
+def head_to_head_markdown(h: dict) -> str:
+    """One task's head-to-head table (from `stats.head_to_head`): every front point against the
+    reference's main cell, differences row − reference with paired p-values over seeds."""
+    ref_label = next((r["label"] for r in h["rows"] if r["method"] == h["reference"] and r["main"]), h["reference"])
+    rows = []
+    for r in h["rows"]:
+        point = "main" if r["sweep"] is None else f"{r['sweep'][0]} = {r['sweep'][1]:g}"
+        if r["method"] == h["reference"] and r["main"]:
+            point += " (reference)"
+        rows.append([_md_escape(r["label"]), point, _fmt(r["acc"], None, 100.0, 1), _delta(r["d_acc"], r["p_acc"], 100.0, 1),
+                     _fmt(r["general_ppl"], None), _delta(r["d_general_ppl"], r["p_general_ppl"]),
+                     _fmt(r["general_kl"], None, digits=3), _delta(r["d_general_kl"], r["p_general_kl"], digits=3),
+                     ",".join(map(str, r["seeds"]))])  # fmt: skip
+    header = ["Row", "Point", "Acc %", "ΔAcc pts (p)", "PPL ↓", "ΔPPL (p)", "KL to Base ↓", "ΔKL (p)", "seeds"]
+    ref = h["ref"]
+    lines = [f"#### {task_label(h['task'])}: every point against {ref_label}'s main cell "
+             f"(acc {_fmt(ref['acc'], None, 100.0, 1)} %, PPL {_fmt(ref['general_ppl'], None)}, "
+             f"KL {_fmt(ref['general_kl'], None, digits=3)}; seeds {','.join(map(str, h['ref_seeds']))})", ""]
+    lines += _md_table(header, rows)
+    lines += ["", "Δ = row − reference, mean over the seeds both have (paired by seed); p: paired t-test over those "
+              "seeds (n/a with one seed). Negative ΔPPL / ΔKL favour the row; a small ΔAcc with a large p means "
+              "the two are at the same domain gain."]  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ from .load import load_results, main_cells, row_labels, row_order, task_label, t
 from .stats import (
     REFERENCE,
     compute_summary,
+    head_to_head,
     item_comparison,
     matched_summary,
     seed_significance,
@@ -43,6 +44,7 @@ _SKIP_REASONS = {
 
 
 _MATCHED_TITLE = "### General perplexity at matched domain accuracy\n\n"
+_H2H_TITLE = "### Head to head: every front point against the reference, paired by seed\n\n"
 
 
 class _Out:
@@ -76,7 +78,9 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
     transfer = [s for t in task_order(main_cells(records)) if (s := transfer_summary(records, t))["targets"]]
     compute = compute_summary(records)
+    h2h = [h for t in task_order(records) if (h := head_to_head(records, t, reference))["ref_seeds"]]
     md = {
+        "h2h": (_H2H_TITLE + "\n".join(T.head_to_head_markdown(h) for h in h2h)) if h2h else "",
         "matched": _MATCHED_TITLE + T.matched_markdown(matched) if matched else "",
         "main": T.grid_markdown(t1, "Main table: general perplexity and domain accuracy per method (main cells)"),
         "ablation": T.grid_markdown(t2, "Ablations (layer-wise and element-wise regularization)"),
@@ -220,7 +224,7 @@ def _report_md(records, source: str, md: dict, fronts: list[str], reference: str
     ref = row_labels(records).get(reference, reference)
     lines = ["# HLoRA report", ""] + _provenance(records, source) + [""]
     lines += [f"## Forgetting at matched domain gain ({ref} as reference)", ""]
-    lines += [md["matched"] or "No matched-accuracy table (see the notes).", ""]
+    lines += [md["h2h"], md["matched"] or "No matched-accuracy table (see the notes).", ""]
     for name in fronts:
         lines += [f"![{name}]({name})", "", out.captions[name], ""]
     lines += ["## Tables", ""] + [md[k] for k in ("main", "ablation", "retention", "compute", "complexity") if md[k]]
@@ -253,7 +257,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, reference: str =
     md = _table_sections(records, reference, out)
     fronts = _figures(records, reference, out)
     out.notes += [f"{name} skipped: {reason}." for name, reason in out.skipped.items()]
-    order = ("matched", "fronts", "main", "ablation", "retention", "compute", "complexity")
+    order = ("h2h", "matched", "fronts", "main", "ablation", "retention", "compute", "complexity")
     sections = [md[k] for k in order if md[k]] + ["### Significance over seeds\n", md["significance"]]
     out.put("tables.md", "\n".join(sections))
     out.put("report.md", _report_md(records, results_path.name, md, fronts, reference, out))
