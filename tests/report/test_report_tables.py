@@ -105,7 +105,10 @@ def test_retention_and_compute_tables():
     comp = {r["method"]: r for r in compute_summary(recs)}
     assert comp["hlora"]["wall_seconds"] == pytest.approx(12.0) and comp["hlora"]["n"] == 2
     assert comp["base"]["wall_seconds"] is None
-    assert "| HLoRA | 2 | 12.0 | — | 60 | 1,000 | — | — |" in compute_markdown(list(comp.values()))
+    md = compute_markdown(list(comp.values()))
+    assert "| HLoRA | 2 | 12.0 | — | 60 | 1,000 | — | — |" in md
+    total = 24.0  # 10 + 14: the Base cell has no cost
+    assert comp["hlora"]["wall_total"] == pytest.approx(24.0) and f"together: {total:,.0f} s of wall time" in md
 
 
 def test_front_points_table_lists_each_sweep_point_as_seed_means():

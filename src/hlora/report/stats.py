@@ -383,7 +383,8 @@ def _cost(rec: dict, key: str) -> float | None:
 def compute_summary(records: Iterable[dict]) -> list[dict]:
     """Per row: the mean over its cells (all tasks, seeds and sweep points) of each cost field.
 
-    Returns [{"method", "label", "n", field: mean or None}]; None where no cell has the field.
+    Returns [{"method", "label", "n", field: mean or None, "wall_total": sum of wall seconds}]; None
+    where no cell has the field.
     """
     records = list(records)
     labels = row_labels(records)
@@ -394,6 +395,7 @@ def compute_summary(records: Iterable[dict]) -> list[dict]:
         for key in COST_FIELDS:
             vals = [v for r in rs if (v := _cost(r, key)) is not None]
             row[key] = float(np.mean(vals)) if vals else None
+        row["wall_total"] = float(sum(v for r in rs if (v := _cost(r, "wall_seconds")) is not None))
         out.append(row)
     return out
 

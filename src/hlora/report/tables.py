@@ -468,6 +468,9 @@ def compute_markdown(rows: Sequence[dict]) -> str:
     body = [[_md_escape(r["label"]), str(r["n"])] + [_count(r[k], k.endswith("seconds")) for k in COST_FIELDS]
             for r in rows]  # fmt: skip
     lines = _md_table(_COMPUTE_HEADER, body)
+    total, cells = sum(r.get("wall_total", 0.0) for r in rows), sum(r["n"] for r in rows)
+    lines += ["", f"All {cells} cells together: {total:,.0f} s of wall time ({total / 3600:.2f} h), each cell "
+              "counting what it ran itself (a cached adapter or evaluation it reused is counted once, where it ran)."]
     lines += ["", "Mean over a row's cells (all tasks, seeds and sweep points), as the runner recorded them; "
               "— where no cell has the number. Extra forward tokens: tokens a method runs through the model "
               "beyond its training batches (e.g. the base model's pass for a KL term)."]  # fmt: skip
