@@ -13,7 +13,7 @@ def test_fronts_png_per_task(write_results, tmp_path):
         data = (tmp_path / "r" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and 10_000 < len(data) < 200_000, name
         w, h = png_size(data)
-        assert 900 <= w <= 1300 and 400 <= h <= 600  # two panels (PPL, KL) at 100 dpi
+        assert 1400 <= w <= 1900 and 400 <= h <= 600  # three panels (acc-PPL, acc-KL, KL-PPL) at 100 dpi
         assert any(f.endswith(name) for f in res["files"])
     assert fronts_name("mcq:/some/dir/my data.jsonl") == "fronts_mcq_my_data.jsonl.png"
 

@@ -106,12 +106,15 @@ def _front_label(label: str, pts: list[dict]) -> str:
     return _tex_safe(label) + (f" ({', '.join(map(_param, params))})" if len(pts) >= 2 and params else "")
 
 
-def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base: bool) -> Any:
+def _xy(p: dict, metric: str) -> tuple[float, float]:
+    """A point's value and std on an axis: accuracy in percent, anything else as it is."""
+    k = 100.0 if metric == "acc" else 1.0
+    return k * p[metric], k * (p[metric + "_std"] or 0)
+
+
+def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base: bool, xmetric: str = "acc") -> Any:
     """One row on one panel: a line through its sweep points (or a lone marker), ±std in both axes."""
-    x = [100 * p["acc"] for p in pts]
-    y = [p[metric] for p in pts]
-    xerr = [100 * (p["acc_std"] or 0) for p in pts]
-    yerr = [p[metric + "_std"] or 0 for p in pts]
+    (x, xerr), (y, yerr) = zip(*[_xy(p, xmetric) for p in pts]), zip(*[_xy(p, metric) for p in pts])
     line = "-" if len(pts) >= 2 and not is_base else "none"
     h = ax.errorbar(x, y, xerr=xerr, yerr=yerr, ls=line, lw=1.4, color=st["color"], marker=st["marker"],
                     ms=15 if is_base else 6, mec="black" if is_base else st["color"], elinewidth=0.8,
@@ -124,8 +127,13 @@ def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base:
     return h
 
 
-_FRONT_PANELS = (("general_ppl", "general perplexity (lower is better)"),
-                 ("general_kl", "KL(p_base ‖ p_model), nats/token (lower is better)"))  # fmt: skip
+_ACC = "domain accuracy % (higher is better)"
+_PPL = "general perplexity (lower is better)"
+_KL = "KL(p_base ‖ p_model), nats/token (lower is better)"
+# (x, y) per panel. The third sets the two measures of general ability against each other: where domain
+# accuracy saturates, it is where the rows differ (which of the two each one protects).
+_FRONT_PANELS = (("acc", "general_ppl", _ACC, _PPL), ("acc", "general_kl", _ACC, _KL),
+                 ("general_kl", "general_ppl", _KL, _PPL))  # fmt: skip
 
 
 def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_label: str, handles: dict) -> None:
@@ -137,24 +145,36 @@ def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_
         handles.setdefault(f"acc* = {_tex_safe(ref_label)} main accuracy", h)
 
 
-def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict) -> None:
-    """A row far above the others (e.g. a method that broke the model) would squash every front into a
-    line: cap the y axis at p75 + 3·IQR of the values and name what lies above at the top edge."""
+def _outlier_top(recs: list[dict], metric: str) -> float | None:
+    """p75 + 3·IQR of a metric over the records, when some record lies above it (else None)."""
     vals = sorted(r[metric] for r in recs if r.get(metric) is not None)
     if len(vals) < 4:
-        return
+        return None
     q1, q3 = float(np.percentile(vals, 25)), float(np.percentile(vals, 75))
     top = q3 + 3 * max(q3 - q1, 1e-12)
-    if vals[-1] <= top:
+    return top if vals[-1] > top else None
+
+
+def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict, xmetric: str = "acc") -> None:
+    """A row far above the others (e.g. a method that broke the model) would squash every front into a
+    line: cap the axes at p75 + 3·IQR of the values and name what lies above at the top edge."""
+    if xmetric != "acc" and (right := _outlier_top(recs, xmetric)) is not None:
+        lo = min(min(r[xmetric] for r in recs if r.get(xmetric) is not None), ax.get_xlim()[0])
+        ax.set_xlim(lo, right + 0.08 * (right - lo))
+    top = _outlier_top(recs, metric)
+    if top is None:
         return
-    lo = min(vals[0], ax.get_ylim()[0])
+    lo = min(min(r[metric] for r in recs if r.get(metric) is not None), ax.get_ylim()[0])
     ax.set_ylim(lo, top + 0.08 * (top - lo))
     over: dict[str, list[float]] = {}
     for r in recs:
         if r.get(metric) is not None and r[metric] > top:
             over.setdefault(r["method"], []).append(r[metric])
+    x_left, x_right = ax.get_xlim()
     for k, (m, vs) in enumerate(over.items()):
-        x = 100 * float(np.mean([r["acc"] for r in recs if r["method"] == m]))
+        x = float(np.mean([_xy({**r, xmetric + "_std": None}, xmetric)[0] for r in recs if r["method"] == m]))
+        # an outlier on both axes is named near the corner, its label inside the panel
+        x = min(max(x, x_left + 0.15 * (x_right - x_left)), x_right - 0.15 * (x_right - x_left))
         ax.annotate(f"{_tex_safe(labels.get(m, m))}: {max(vs):.3g} ↑", (x, top), xytext=(0, -10 - 9 * k),
                     textcoords="offset points", fontsize=7, ha="center", color=styles[m]["color"],
                     arrowprops={"arrowstyle": "-|>", "color": styles[m]["color"], "lw": 0.8})
@@ -165,32 +185,33 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
     """Domain accuracy (x) against general perplexity (y) on one task, each row's front drawn as a line
     through its sweep points (seed means, ±std both ways, labelled with the sweep value); a second
     panel with KL to Base when the records have it. Base is a star, with the cap (Base PPL ×
-    cap_ratio) dashed and the reference's main accuracy dotted. None when the task has no record."""
+    cap_ratio) dashed and the reference's main accuracy dotted; a third panel sets KL (x) against perplexity
+    (y). None when the task has no record."""
     records = list(records)
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
-    panels = [p for p in _FRONT_PANELS if any(r.get(p[0]) is not None for r in recs)]
+    panels = [p for p in _FRONT_PANELS if all(any(r.get(m) is not None for r in recs) for m in p[:2])]
     styles, labels = style(records), row_labels(records)
     fig = new_figure(5.2 * len(panels) + 0.6, 4.9)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     base, acc_ref = base_point(recs, task), reference_accuracy(recs, task, reference)
     handles: dict[str, Any] = {}
-    for ax, (metric, ylabel) in zip(axes, panels):
+    for ax, (xmetric, metric, xlabel, ylabel) in zip(axes, panels):
         for m in row_order(recs):
-            pts = [p for p in front(recs, m, task) if p[metric] is not None]
+            pts = [p for p in front(recs, m, task) if p[metric] is not None and p[xmetric] is not None]
             if pts:
                 label = _front_label(labels[m], pts)
-                handles.setdefault(label, _draw_front(ax, pts, metric, styles[m], label, m == BASE))
+                handles.setdefault(label, _draw_front(ax, pts, metric, styles[m], label, m == BASE, xmetric))
         cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
-        _guides(ax, cap, cap_ratio, acc_ref, labels.get(reference, reference), handles)
-        _clip_outliers(ax, recs, metric, labels, styles)
-        ax.set_xlabel("domain accuracy % (higher is better)")
+        _guides(ax, cap, cap_ratio, acc_ref if xmetric == "acc" else None, labels.get(reference, reference), handles)
+        _clip_outliers(ax, recs, metric, labels, styles, xmetric)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.margins(0.08)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
-               ncol=min(len(handles), 3 if len(panels) == 1 else 4), frameon=False)  # fmt: skip
+               ncol=min(len(handles), 3 + len(panels)), frameon=False)  # fmt: skip
     fig.suptitle(f"{_tex_safe(task_label(task))}: domain gain vs general ability (↘ better; mean ± std over seeds)",
                  fontsize=10)  # fmt: skip
     return save_png(fig, out_png)
