@@ -215,3 +215,52 @@ class WeightedSquaredDrift(torch.autograd.Function):
         gB = torch.bmm(G, A.transpose(1, 2)).mul_(coef)
         grads = [gA[k].to(ctx.dtypes[k]) for k in range(n)] + [gB[k].to(ctx.dtypes[n + k]) for k in range(n)]
         return (None, None, None, None, None, None, None, None, None, *grads)
+
+
+class DriftPenalty(nn.Module):
+    """Base of the penalties that are a sum of `WeightedSquaredDrift` over the model's same-shape LoRA
+    groups (HLoRA's and EWC-LoRA's): the modules, their groups, the kept work buffers, and per-group
+    buffers `<part>_<gi>` (parts: weight, scale, the Ω-like tensor, optionally ref / refb / refa) that
+    follow the modules' device. Subclasses register the buffers and scale `drift()`."""
+
+    _parts: tuple[str, ...] = ("weight", "scale")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        refs = lora_modules(model)
+        object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
+        self._groups: list[list[int]] = group_modules(refs)
+        object.__setattr__(self, "_work", WorkBuffers())  # D per shape, G per group, kept across steps
+
+    def _group_refs(self, gi: int) -> list[LoraRef]:
+        return [self._refs[i] for i in self._groups[gi]]
+
+    @staticmethod
+    def _scales(rs: list[LoraRef]) -> torch.Tensor:
+        return torch.tensor([r.scale for r in rs], dtype=torch.float32, device=rs[0].A.device).view(-1, 1, 1)
+
+    def _follow_device(self) -> None:
+        """Keep each group's buffers where its modules are (the Trainer may move the model after this was
+        built, e.g. each DDP rank to its own GPU)."""
+        for gi, idx in enumerate(self._groups):
+            dev = self._refs[idx[0]].A.device
+            for part in self._parts:
+                t = getattr(self, f"{part}_{gi}", None)
+                if t is not None and t.device != dev:
+                    setattr(self, f"{part}_{gi}", t.to(dev))
+
+    def drift(self, omega: str) -> torch.Tensor:
+        """Σ_groups Σ_k w_k Σ Ω_k ⊙ (ΔW_k − R_k)², Ω from the buffers named `omega`, differentiable in A, B."""
+        self._follow_device()
+        total = None
+        for gi in range(len(self._groups)):
+            rs = self._group_refs(gi)
+            buf = lambda part: getattr(self, f"{part}_{gi}", None)  # noqa: E731
+            term = WeightedSquaredDrift.apply(self._work, gi, buf("weight"), buf("scale"), buf(omega), buf("ref"),
+                                              buf("refb"), buf("refa"), len(rs), *[r.A for r in rs],
+                                              *[r.B for r in rs])  # fmt: skip
+            total = term if total is None else total + term.to(total.device)
+        return total
+
+    def forward(self) -> torch.Tensor:
+        return self.penalty()

@@ -221,6 +221,14 @@ def test_penalty_zero_for_fresh_adapter_and_gradients_match_formula(arch):
         assert float((a - b).norm() / b.norm()) < 1e-5
 
 
+def test_penalty_buffers_follow_the_model():
+    """The Fisher buffers move with the adapter (meta stands in for a second device), as HLoRA's do."""
+    model = _peft("tiny-llama")
+    pen = EWCPenalty(model, {r.name: torch.ones(r.base_weight.shape) for r in lora_modules(model)})
+    model.to("meta")
+    assert pen.penalty().device.type == "meta" and pen.fisher_0.device.type == "meta"
+
+
 def test_penalty_rejects_fisher_for_another_model():
     model = _peft("tiny-llama")
     refs = lora_modules(model)

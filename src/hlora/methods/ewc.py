@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..data.packing import batches
-from ..lora import LoraRef, WeightedSquaredDrift, WorkBuffers, delta_w, group_modules, lora_modules, to_weight_layout
+from ..lora import DriftPenalty, LoraRef, delta_w, lora_modules, to_weight_layout
 from ..util import adapter_disabled, eval_mode, model_device, requires_grad
 from .base import Method
 
@@ -221,17 +221,18 @@ def fisher_diagonal(
 # ------------------------------------------------------------------------------ the penalty
 
 
-class EWCPenalty(nn.Module):
+class EWCPenalty(DriftPenalty):
     """λ · Σ_modules Σ F ⊙ (ΔW)², ΔW = s·B·A of the current adapter (differentiable in A and B).
 
     F is kept as fp32 buffers of this object (not of the model), each on its module's device.
     """
 
+    _parts = ("fisher", "scale", "weight")
+
     def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float = 0.5):
-        super().__init__()
+        super().__init__(model)
         self.lam = float(lam)
-        refs = lora_modules(model)
-        object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
+        refs = self._refs
         for ref in refs:
             if ref.name not in fisher:
                 raise ValueError(f"Fisher has no entry for LoRA module {ref.name!r}")
@@ -245,16 +246,13 @@ class EWCPenalty(nn.Module):
             raise ValueError(f"Fisher has an entry for {extra[0]!r}, which is not a LoRA module of the model")
         # Modules of one shape stacked (lora.group_modules, as the HLoRA penalty and the SI recorder do): the
         # penalty is lora.WeightedSquaredDrift with Ω = F, no reference and unit weights.
-        self._groups = group_modules(refs)
-        object.__setattr__(self, "_work", WorkBuffers())  # D per shape, G per group, kept across steps
-        for gi, idx in enumerate(self._groups):
-            rs = [refs[i] for i in idx]
+        for gi in range(len(self._groups)):
+            rs = self._group_refs(gi)
             dev = rs[0].A.device
             f = torch.stack([to_weight_layout(r, fisher[r.name].detach()).to(device=dev, dtype=torch.float32)
                              for r in rs])
             self.register_buffer(f"fisher_{gi}", f)
-            self.register_buffer(f"scale_{gi}", torch.tensor([r.scale for r in rs], dtype=torch.float32,
-                                                             device=dev).view(-1, 1, 1), persistent=False)
+            self.register_buffer(f"scale_{gi}", self._scales(rs), persistent=False)
             self.register_buffer(f"weight_{gi}", torch.ones(len(rs), 1, 1, device=dev), persistent=False)
 
     def fisher(self) -> dict[str, torch.Tensor]:
@@ -267,21 +265,7 @@ class EWCPenalty(nn.Module):
         return out
 
     def penalty(self) -> torch.Tensor:
-        total = None
-        for gi, idx in enumerate(self._groups):
-            rs = [self._refs[i] for i in idx]
-            dev = rs[0].A.device
-            if getattr(self, f"fisher_{gi}").device != dev:  # the model moved after this was built: follow it
-                for part in ("fisher", "scale", "weight"):
-                    setattr(self, f"{part}_{gi}", getattr(self, f"{part}_{gi}").to(dev))
-            term = WeightedSquaredDrift.apply(
-                self._work, gi, getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"),
-                getattr(self, f"fisher_{gi}"), None, None, None, len(rs), *[r.A for r in rs], *[r.B for r in rs])
-            total = term if total is None else total + term.to(total.device)
-        return self.lam * total
-
-    def forward(self) -> torch.Tensor:
-        return self.penalty()
+        return self.lam * self.drift("fisher")
 
 
 # ------------------------------------------------------------------------------------- the method

@@ -39,8 +39,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..importance import Importance
-from ..lora import (WeightedSquaredDrift, WorkBuffers, adapter_fingerprint, group_modules, lora_modules, stacked,
-                    to_weight_layout)
+from ..lora import DriftPenalty, adapter_fingerprint, stacked, to_weight_layout
 from .base import Method
 
 WEIGHTINGS = ("softmax", "uniform")
@@ -62,7 +61,7 @@ def _parse_layer_scale(layer_scale):
     return layer_scale
 
 
-class HLoRAPenalty(nn.Module):
+class HLoRAPenalty(DriftPenalty):
     """The hierarchical (layer-wise × element-wise) penalty of stage μ; `penalty()` is added to the loss.
 
     importance: an Importance or the path of an importance file (checked against `model`).
@@ -74,10 +73,12 @@ class HLoRAPenalty(nn.Module):
     omega_clip: 0 (none) or a cap on Ω after normalisation.
     """
 
+    _parts = ("omega", "ref", "refb", "refa", "scale", "weight")
+
     def __init__(self, model: nn.Module, importance: Importance | str | Path, reference=None, phi: float = 1e-3,
                  layer_weighting: str = "softmax", layer_scale=1e-8, layer_group: str = "module",
                  omega_norm: str = "none", omega_clip: float = 0.0):
-        super().__init__()
+        super().__init__(model)
         if omega_norm not in NORMS:
             raise ValueError(f"omega_norm must be one of {', '.join(NORMS)}; got {omega_norm!r}")
         omega_clip = float(omega_clip)
@@ -98,8 +99,7 @@ class HLoRAPenalty(nn.Module):
         self.omega_clip = omega_clip
         self.layer_scale = _parse_layer_scale(layer_scale)
         self.importance_metadata = dict(importance.metadata)
-        refs = lora_modules(model)
-        object.__setattr__(self, "_refs", refs)  # plain attribute: not a submodule of the penalty
+        refs = self._refs
 
         if reference is None:
             if importance.reference:
@@ -126,7 +126,6 @@ class HLoRAPenalty(nn.Module):
                     if tuple(reference[r.name].shape) != want:
                         have = tuple(reference[r.name].shape)
                         raise ValueError(f"reference for module {r.name}: shape {have} != {want}")
-            self._groups: list[list[int]] = group_modules(refs)
             self.omega_mean = _omega_mean(importance) if omega_norm == "mean" else 1.0
             for gi, idx in enumerate(self._groups):
                 rs = [refs[i] for i in idx]
@@ -152,16 +151,11 @@ class HLoRAPenalty(nn.Module):
                 self.register_buffer(f"refb_{gi}", ref_b, persistent=False)
                 self.register_buffer(f"refa_{gi}", ref_a, persistent=False)
                 self.register_buffer(f"scale_{gi}", scale, persistent=False)
-        object.__setattr__(self, "_work", WorkBuffers())  # D per shape, G per group, kept across steps
         self._weights = self._compute_weights()
         for gi, idx in enumerate(self._groups):
             w = torch.tensor([self._weights[i] for i in idx], dtype=torch.float32, device=refs[idx[0]].A.device)
             w = w.view(-1, 1, 1)
             self.register_buffer(f"weight_{gi}", w, persistent=False)
-
-    @staticmethod
-    def _scales(rs) -> torch.Tensor:
-        return torch.tensor([r.scale for r in rs], dtype=torch.float32, device=rs[0].A.device).view(-1, 1, 1)
 
     # ------------------------------------------------------------------ layer weights
 
@@ -202,31 +196,7 @@ class HLoRAPenalty(nn.Module):
 
     def penalty(self) -> torch.Tensor:
         """φ · Σ_l w_l · Σ_i Ω_{l,i} (ΔW_{l,i} − ΔW^ν_{l,i})², differentiable w.r.t. every A and B."""
-        self._follow_device()
-        total = None
-        for gi, idx in enumerate(self._groups):
-            rs = [self._refs[i] for i in idx]
-            term = WeightedSquaredDrift.apply(
-                self._work, gi, getattr(self, f"weight_{gi}"), getattr(self, f"scale_{gi}"), getattr(self, f"omega_{gi}"),
-                getattr(self, f"ref_{gi}"), getattr(self, f"refb_{gi}"), getattr(self, f"refa_{gi}"), len(rs),
-                *[r.A for r in rs], *[r.B for r in rs],
-            )
-            total = term if total is None else total + term.to(total.device)
-        return total * self.phi
-
-    def _follow_device(self) -> None:
-        """Keep each group's buffers where its modules are (the Trainer may move the model after this was
-        built, e.g. each DDP rank to its own GPU)."""
-        for gi, idx in enumerate(self._groups):
-            dev = self._refs[idx[0]].A.device
-            if getattr(self, f"omega_{gi}").device != dev:
-                for part in ("omega", "ref", "refb", "refa", "scale", "weight"):
-                    t = getattr(self, f"{part}_{gi}")
-                    if t is not None:
-                        setattr(self, f"{part}_{gi}", t.to(dev))
-
-    def forward(self) -> torch.Tensor:
-        return self.penalty()
+        return self.drift("omega") * self.phi
 
     def extra_repr(self) -> str:
         return (f"modules={len(self._refs)}, phi={self.phi}, layer_weighting={self.layer_weighting}, "
