@@ -220,10 +220,8 @@ class WeightedSquaredDrift(torch.autograd.Function):
 class DriftPenalty(nn.Module):
     """Base of the penalties that are a sum of `WeightedSquaredDrift` over the model's same-shape LoRA
     groups (HLoRA's and EWC-LoRA's): the modules, their groups, the kept work buffers, and per-group
-    buffers `<part>_<gi>` (parts: weight, scale, the Ω-like tensor, optionally ref / refb / refa) that
-    follow the modules' device. Subclasses register the buffers and scale `drift()`."""
-
-    _parts: tuple[str, ...] = ("weight", "scale")
+    buffers `<part>_<gi>` (weight, scale, the Ω-like tensor, optionally ref / refb / refa) that follow the
+    modules' device. Subclasses register those buffers (every buffer is a group's) and scale `drift()`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -239,15 +237,17 @@ class DriftPenalty(nn.Module):
     def _scales(rs: list[LoraRef]) -> torch.Tensor:
         return torch.tensor([r.scale for r in rs], dtype=torch.float32, device=rs[0].A.device).view(-1, 1, 1)
 
+    def _part(self, part: str, gi: int) -> torch.Tensor | None:
+        return getattr(self, f"{part}_{gi}", None)
+
     def _follow_device(self) -> None:
         """Keep each group's buffers where its modules are (the Trainer may move the model after this was
         built, e.g. each DDP rank to its own GPU)."""
-        for gi, idx in enumerate(self._groups):
-            dev = self._refs[idx[0]].A.device
-            for part in self._parts:
-                t = getattr(self, f"{part}_{gi}", None)
-                if t is not None and t.device != dev:
-                    setattr(self, f"{part}_{gi}", t.to(dev))
+        for name, t in list(self._buffers.items()):
+            if t is not None:
+                dev = self._refs[self._groups[int(name.rsplit("_", 1)[1])][0]].A.device
+                if t.device != dev:
+                    setattr(self, name, t.to(dev))
 
     def drift(self, omega: str) -> torch.Tensor:
         """Σ_groups Σ_k w_k Σ Ω_k ⊙ (ΔW_k − R_k)², Ω from the buffers named `omega`, differentiable in A, B."""
@@ -255,10 +255,10 @@ class DriftPenalty(nn.Module):
         total = None
         for gi in range(len(self._groups)):
             rs = self._group_refs(gi)
-            buf = lambda part: getattr(self, f"{part}_{gi}", None)  # noqa: E731
-            term = WeightedSquaredDrift.apply(self._work, gi, buf("weight"), buf("scale"), buf(omega), buf("ref"),
-                                              buf("refb"), buf("refa"), len(rs), *[r.A for r in rs],
-                                              *[r.B for r in rs])  # fmt: skip
+            term = WeightedSquaredDrift.apply(
+                self._work, gi, self._part("weight", gi), self._part("scale", gi), self._part(omega, gi),
+                self._part("ref", gi), self._part("refb", gi), self._part("refa", gi), len(rs),
+                *[r.A for r in rs], *[r.B for r in rs])  # fmt: skip
             total = term if total is None else total + term.to(total.device)
         return total
 

@@ -227,8 +227,6 @@ class EWCPenalty(DriftPenalty):
     F is kept as fp32 buffers of this object (not of the model), each on its module's device.
     """
 
-    _parts = ("fisher", "scale", "weight")
-
     def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float = 0.5):
         super().__init__(model)
         self.lam = float(lam)

@@ -73,8 +73,6 @@ class HLoRAPenalty(DriftPenalty):
     omega_clip: 0 (none) or a cap on Ω after normalisation.
     """
 
-    _parts = ("omega", "ref", "refb", "refa", "scale", "weight")
-
     def __init__(self, model: nn.Module, importance: Importance | str | Path, reference=None, phi: float = 1e-3,
                  layer_weighting: str = "softmax", layer_scale=1e-8, layer_group: str = "module",
                  omega_norm: str = "none", omega_clip: float = 0.0):
@@ -127,8 +125,8 @@ class HLoRAPenalty(DriftPenalty):
                         have = tuple(reference[r.name].shape)
                         raise ValueError(f"reference for module {r.name}: shape {have} != {want}")
             self.omega_mean = _omega_mean(importance) if omega_norm == "mean" else 1.0
-            for gi, idx in enumerate(self._groups):
-                rs = [refs[i] for i in idx]
+            for gi in range(len(self._groups)):
+                rs = self._group_refs(gi)
                 dev = rs[0].A.device
                 # to_weight_layout is its own inverse: base layout -> out x in
                 om = torch.stack([to_weight_layout(r, importance.omega[r.name]).to(device=dev, dtype=torch.float32)

@@ -106,9 +106,13 @@ def _front_label(label: str, pts: list[dict]) -> str:
     return _tex_safe(label) + (f" ({', '.join(map(_param, params))})" if len(pts) >= 2 and params else "")
 
 
+def _axis_scale(metric: str) -> float:
+    return 100.0 if metric == "acc" else 1.0  # accuracy in percent, anything else as it is
+
+
 def _xy(p: dict, metric: str) -> tuple[float, float]:
-    """A point's value and std on an axis: accuracy in percent, anything else as it is."""
-    k = 100.0 if metric == "acc" else 1.0
+    """A point's value and std on an axis."""
+    k = _axis_scale(metric)
     return k * p[metric], k * (p[metric + "_std"] or 0)
 
 
@@ -145,26 +149,26 @@ def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_
         handles.setdefault(f"acc* = {_tex_safe(ref_label)} main accuracy", h)
 
 
-def _outlier_top(recs: list[dict], metric: str) -> float | None:
-    """p75 + 3·IQR of a metric over the records, when some record lies above it (else None)."""
+def _outlier_bounds(recs: list[dict], metric: str) -> tuple[float, float] | None:
+    """(lowest value, p75 + 3·IQR) of a metric over the records, when some record lies above the latter."""
     vals = sorted(r[metric] for r in recs if r.get(metric) is not None)
     if len(vals) < 4:
         return None
     q1, q3 = float(np.percentile(vals, 25)), float(np.percentile(vals, 75))
     top = q3 + 3 * max(q3 - q1, 1e-12)
-    return top if vals[-1] > top else None
+    return (vals[0], top) if vals[-1] > top else None
 
 
 def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict, xmetric: str = "acc") -> None:
     """A row far above the others (e.g. a method that broke the model) would squash every front into a
     line: cap the axes at p75 + 3·IQR of the values and name what lies above at the top edge."""
-    if xmetric != "acc" and (right := _outlier_top(recs, xmetric)) is not None:
-        lo = min(min(r[xmetric] for r in recs if r.get(xmetric) is not None), ax.get_xlim()[0])
+    if xmetric != "acc" and (xb := _outlier_bounds(recs, xmetric)) is not None:
+        lo, right = min(xb[0], ax.get_xlim()[0]), xb[1]
         ax.set_xlim(lo, right + 0.08 * (right - lo))
-    top = _outlier_top(recs, metric)
-    if top is None:
+    yb = _outlier_bounds(recs, metric)
+    if yb is None:
         return
-    lo = min(min(r[metric] for r in recs if r.get(metric) is not None), ax.get_ylim()[0])
+    lo, top = min(yb[0], ax.get_ylim()[0]), yb[1]
     ax.set_ylim(lo, top + 0.08 * (top - lo))
     over: dict[str, list[float]] = {}
     for r in recs:
@@ -172,7 +176,8 @@ def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict
             over.setdefault(r["method"], []).append(r[metric])
     x_left, x_right = ax.get_xlim()
     for k, (m, vs) in enumerate(over.items()):
-        x = float(np.mean([_xy({**r, xmetric + "_std": None}, xmetric)[0] for r in recs if r["method"] == m]))
+        xs = [r[xmetric] for r in recs if r["method"] == m and r.get(xmetric) is not None]
+        x = _axis_scale(xmetric) * float(np.mean(xs)) if xs else (x_left + x_right) / 2
         # an outlier on both axes is named near the corner, its label inside the panel
         x = min(max(x, x_left + 0.15 * (x_right - x_left)), x_right - 0.15 * (x_right - x_left))
         ax.annotate(f"{_tex_safe(labels.get(m, m))}: {max(vs):.3g} ↑", (x, top), xytext=(0, -10 - 9 * k),

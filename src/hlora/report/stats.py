@@ -395,7 +395,8 @@ def compute_summary(records: Iterable[dict]) -> list[dict]:
         for key in COST_FIELDS:
             vals = [v for r in rs if (v := _cost(r, key)) is not None]
             row[key] = float(np.mean(vals)) if vals else None
-        row["wall_total"] = float(sum(v for r in rs if (v := _cost(r, "wall_seconds")) is not None))
+            if key == "wall_seconds":
+                row["wall_total"] = float(sum(vals))
         out.append(row)
     return out
 
