@@ -111,6 +111,28 @@ def test_retention_and_compute_tables():
     assert comp["hlora"]["wall_total"] == pytest.approx(24.0) and f"together: {total:,.0f} s of wall time" in md
 
 
+def test_retention_pairs_each_row_with_the_reference_by_seed():
+    from scipy.stats import ttest_rel
+
+    def rec(m, seed, acc, label):
+        return normalize_record(cell(m, "sciq", seed, 0.8, 25.0, label=label, transfer={"medmcqa": {"acc": acc, "n": 100}}))
+
+    ref = [0.25, 0.25, 0.29]
+    lora = [0.28, 0.38, 0.36]
+    recs = ([rec("hlora", s, a, "HLoRA") for s, a in enumerate(ref)]
+            + [rec("lora_mu", s, a, "LoRA(μ)") for s, a in enumerate(lora)]
+            + [rec("ewc_lora", 0, 0.30, "EWC-LoRA")])  # one seed: nothing to pair
+    s = transfer_summary(recs, "sciq")
+    rows = {r["method"]: r for r in s["rows"]}
+    assert rows["lora_mu"]["p"]["medmcqa"] == pytest.approx(ttest_rel(lora, ref).pvalue)
+    assert math.isnan(rows["hlora"]["p"]["medmcqa"]) and math.isnan(rows["ewc_lora"]["p"]["medmcqa"])
+    md = retention_markdown([s])
+    p = ttest_rel(lora, ref).pvalue
+    assert f"| LoRA(μ) | 34.00 ± 5.29 (p {p:.3f}) |" in md  # no Base here: only the p in brackets
+    assert "| HLoRA | 26.33 ± 2.31 |" in md and "| EWC-LoRA | 30.00 |" in md
+    assert "against HLoRA's main cell" in md
+
+
 def test_front_points_table_lists_each_sweep_point_as_seed_means():
     from hlora.report.tables import front_points_markdown
 
@@ -127,6 +149,30 @@ def test_front_points_table_lists_each_sweep_point_as_seed_means():
     assert "| HLoRA phi = 1 / 10 | 85.0 / 70.0 | 26.00 / 24.00 | 0.300 / 0.100 | 0,1 |" in md
     assert "| WiSE alpha = 0.5 | 75.0 | 28.00 | 0.050 | 0 |" in md
     assert "| Base | 60.0 | 30.00 | 0.000 | 0 |" in md
+
+
+def test_sweeps_across_tasks_put_each_value_side_by_side():
+    from hlora.report.tables import sweeps_across_tasks_markdown
+
+    recs = [normalize_record(r) for r in [
+        cell("hlora_norm", "sciq", 0, 0.80, 25.0, label="Ω/mean", sweep=("phi", 1.0), kl=0.2),
+        cell("hlora_norm", "sciq", 1, 0.90, 27.0, label="Ω/mean", sweep=("phi", 1.0), kl=0.4),
+        cell("hlora_norm", "sciq", 0, 0.70, 24.0, label="Ω/mean", sweep=("phi", 10.0), main=False, kl=0.1),
+        cell("hlora_norm", "piqa", 0, 0.65, 31.0, label="Ω/mean", sweep=("phi", 1.0), kl=0.15),
+        cell("replay", "sciq", 0, 0.82, 22.0, label="Replay", sweep=("rho", 0.5), kl=0.3),  # one task only
+        cell("replay", "sciq", 0, 0.84, 21.0, label="Replay", sweep=("rho", 0.75), main=False, kl=0.4),
+        # on both tasks but one value of its parameter everywhere: not a sweep
+        cell("ablated", "sciq", 0, 0.8, 25.0, label="Ablated", sweep=("phi", 1.0)),
+        cell("ablated", "piqa", 0, 0.6, 32.0, label="Ablated", sweep=("phi", 1.0)),
+        cell("base", "sciq", 0, 0.60, 30.0, label="Base", kl=0.0),
+        cell("base", "piqa", 0, 0.60, 33.0, label="Base", kl=0.0),
+    ]]  # fmt: skip
+    md = sweeps_across_tasks_markdown(recs)
+    assert "#### Ω/mean over phi" in md and "Replay" not in md and "Base" not in md and "Ablated" not in md
+    assert "| phi | SciQ Acc % | SciQ PPL ↓ | SciQ KL ↓ | PIQA Acc % | PIQA PPL ↓ | PIQA KL ↓ |" in md
+    assert "| 1 | 85.0 | 26.00 | 0.300 | 65.0 | 31.00 | 0.150 |" in md
+    assert "| 10 | 70.0 | 24.00 | 0.100 | — | — | — |" in md
+    assert sweeps_across_tasks_markdown([r for r in recs if r["task"] == "sciq"]) == ""
 
 
 def test_head_to_head_table_shows_differences_with_paired_p():

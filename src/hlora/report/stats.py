@@ -347,28 +347,39 @@ def matched_summary(records: Iterable[dict], task: str, reference: str = REFEREN
 
 # ----------------------------------------------------------------------------- retention and compute
 
-def transfer_summary(records: Iterable[dict], task: str) -> dict:
+def transfer_summary(records: Iterable[dict], task: str, reference: str = REFERENCE) -> dict:
     """Accuracy on the tasks a model was not tuned on, per main row tuned on `task`.
 
-    Returns {"task", "targets": [transfer tasks], "base": {target: mean acc of Base} ,
-    "rows": [{"method", "label", "cells": {target: (mean, std, n)}}]}; rows without any transfer
-    result are left out.
+    Returns {"task", "reference", "targets": [transfer tasks], "base": {target: mean acc of Base},
+    "rows": [{"method", "label", "cells": {target: (mean, std, n)}, "p": {target: p}}]}; rows
+    without any transfer result are left out. `p` is a paired t-test over the seeds a row shares
+    with the reference row (nan for fewer than two, and for the reference itself): transfer items
+    are the same for every cell of a seed, so pairing by seed removes the item draw.
     """
     mine = [r for r in main_cells(records) if r["task"] == task and r.get("transfer")]
     labels = row_labels(mine)
     targets = list(dict.fromkeys(t for r in mine for t in r["transfer"]))
+
+    def accs(m: str, t: str) -> dict[int, float]:
+        return {r["seed"]: r["transfer"][t]["acc"] for r in mine if r["method"] == m and t in r["transfer"]
+                and r["transfer"][t].get("acc") is not None}  # fmt: skip
+
     rows = []
     for m in row_order(mine):
-        cells = {}
+        cells, ps = {}, {}
         for t in targets:
-            accs = [r["transfer"][t]["acc"] for r in mine if r["method"] == m and t in r["transfer"]
-                    and r["transfer"][t].get("acc") is not None]  # fmt: skip
-            if accs:
-                cells[t] = (*mean_std(accs), len(accs))
-        rows.append({"method": m, "label": labels[m], "cells": cells})
+            by_seed = accs(m, t)
+            if not by_seed:
+                continue
+            cells[t] = (*mean_std(list(by_seed.values())), len(by_seed))
+            ref = accs(reference, t) if m != reference else {}
+            seeds = sorted(set(by_seed) & set(ref))
+            ps[t] = (ttest([by_seed[s] for s in seeds], [ref[s] for s in seeds], paired=True)[1]
+                     if len(seeds) >= 2 else math.nan)  # fmt: skip
+        rows.append({"method": m, "label": labels[m], "cells": cells, "p": ps})
     base_row = next((row for row in rows if row["method"] == BASE), None)
     base = {t: c[0] for t, c in base_row["cells"].items()} if base_row else {}
-    return {"task": task, "targets": targets, "base": base, "rows": rows}
+    return {"task": task, "reference": reference, "targets": targets, "base": base, "rows": rows}
 
 
 COST_FIELDS = ("wall_seconds", "train_seconds", "steps", "domain_tokens", "general_tokens", "extra_forward_tokens")

@@ -35,6 +35,7 @@ __all__ = [
     "matched_csv",
     "matched_latex",
     "retention_markdown",
+    "sweeps_across_tasks_markdown",
     "retention_csv",
     "compute_markdown",
     "compute_csv",
@@ -416,13 +417,21 @@ def matched_latex(s: dict, label: str) -> str:
 
 # ----------------------------------------------------------------------------- cross-task retention
 
-def _retention_cell(s: dict, target: str, cell: tuple | None) -> str:
+def _retention_cell(s: dict, row: dict, target: str) -> str:
+    cell = row["cells"].get(target)
     if cell is None:
         return "—"
     mean, std, _ = cell
     base = s["base"].get(target)
-    delta = f" ({100 * (mean - base):+.2f})" if base is not None else ""
-    return _fmt(mean, std, 100.0) + delta
+    extra = [f"{100 * (mean - base):+.2f}"] if base is not None else []
+    p = row["p"].get(target)
+    if row["method"] != s["reference"] and p is not None and math.isfinite(p):
+        extra.append(f"p {_fmt_p(p)}")
+    return _fmt(mean, std, 100.0) + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _reference_label(s: dict) -> str:
+    return next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
 
 
 def retention_markdown(summaries: Sequence[dict]) -> str:
@@ -431,11 +440,14 @@ def retention_markdown(summaries: Sequence[dict]) -> str:
     for s in summaries:
         lines += [f"#### Tuned on {task_label(s['task'])}", ""]
         header = ["Method"] + [f"{task_label(t)} Acc %" for t in s["targets"]]
-        lines += _md_table(header, [[_md_escape(r["label"])] + [_retention_cell(s, t, r["cells"].get(t))
-                                                                for t in s["targets"]] for r in s["rows"]])  # fmt: skip
+        lines += _md_table(header, [[_md_escape(r["label"])] + [_retention_cell(s, r, t) for t in s["targets"]]
+                                    for r in s["rows"]])  # fmt: skip
         lines.append("")
+    ref = _reference_label(summaries[0]) if summaries else "the reference"
     lines.append("Accuracy % on each other task, mean ± std over seeds of the main cells; in brackets the "
-                 "difference from Base in points (negative = forgotten).")
+                 "difference from Base in points (negative = forgotten) and p of a paired t-test over seeds against "
+                 f"{ref}'s main cell (none with fewer than two seeds, or where the difference is the same on "
+                 "every seed).")
     return "\n".join(lines) + "\n"
 
 
@@ -446,9 +458,9 @@ def retention_csv(summaries: Sequence[dict]) -> str:
             for t, (mean, std, n) in r["cells"].items():
                 base = s["base"].get(t)
                 rows.append([s["task"], r["method"], r["label"], t, n, _num(mean), _num(std), _num(base),
-                             _num(None if base is None else mean - base)])  # fmt: skip
+                             _num(None if base is None else mean - base), _num(r["p"].get(t))])  # fmt: skip
     return _csv(["tuned_task", "method", "label", "transfer_task", "n", "acc_mean", "acc_std", "base_acc",
-                 "delta_vs_base"], rows)  # fmt: skip
+                 "delta_vs_base", "p_vs_reference"], rows)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- compute
@@ -504,6 +516,37 @@ def front_points_markdown(records: Iterable[dict], task: str) -> str:
         rows.append([name, col("acc", 100.0, 1), col("general_ppl"), col("general_kl", digits=3),
                      ",".join(map(str, seeds))])
     return "\n".join(_md_table(["Row (sweep)", "Acc %", "PPL ↓", "KL to Base ↓", "seeds"], rows)) + "\n"
+
+
+def sweeps_across_tasks_markdown(records: Iterable[dict]) -> str:
+    """Each row swept (two or more values) and run on two or more tasks: one line per sweep value, its seed means (acc, PPL, KL to Base)
+    on every task side by side, so one can see whether a single value (φ, λ, ...) is best everywhere.
+    Empty when no row has a sweep on two tasks."""
+    records = list(records)
+    labels, tasks = row_labels(records), task_order(records)
+    blocks = []
+    for m in row_order(records):
+        fronts = {t: [p for p in front(records, m, t) if p["n"] and not p["end"]] for t in tasks}
+        fronts = {t: f for t, f in fronts.items() if sum(p["sweep"] is not None for p in f)}
+        if len(fronts) < 2 or max(sum(p["sweep"] is not None for p in f) for f in fronts.values()) < 2:
+            continue  # on one task only, or never swept (one value of its parameter everywhere)
+        param = next(p["sweep"][0] for f in fronts.values() for p in f if p["sweep"])
+        values = sorted({p["sweep"][1] for f in fronts.values() for p in f if p["sweep"]})
+        header = [param] + [f"{task_label(t)} {c}" for t in fronts for c in ("Acc %", "PPL ↓", "KL ↓")]
+        rows = []
+        for v in values:
+            row = [f"{v:g}"]
+            for f in fronts.values():
+                p = next((p for p in f if p["sweep"] == (param, v)), None)
+                row += ["—"] * 3 if p is None else [_fmt(p["acc"], None, 100.0, 1), _fmt(p["general_ppl"], None),
+                                                    _fmt(p["general_kl"], None, digits=3)]  # fmt: skip
+            rows.append(row)
+        blocks += [f"#### {_md_escape(labels.get(m, m))} over {param}", ""] + _md_table(header, rows) + [""]
+    if not blocks:
+        return ""
+    blocks.append("Seed means of each sweep point (a task's seeds as in its front table); a value missing on a "
+                  "task was not run there.")
+    return "\n".join(blocks) + "\n"
 
 
 # ----------------------------------------------------------------------------- head to head

@@ -79,6 +79,7 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     transfer = [s for t in task_order(main_cells(records)) if (s := transfer_summary(records, t))["targets"]]
     compute = compute_summary(records)
     h2h = [h for t in task_order(records) if (h := head_to_head(records, t, reference))["ref_seeds"]]
+    across = T.sweeps_across_tasks_markdown(records)
     md = {
         "h2h": (_H2H_TITLE + "\n".join(T.head_to_head_markdown(h) for h in h2h)) if h2h else "",
         "matched": _MATCHED_TITLE + T.matched_markdown(matched) if matched else "",
@@ -90,6 +91,7 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
         "significance": T.significance_markdown(seed_significance(records, reference), labels, reference),
         "fronts": "".join(f"### Front points: {task_label(t)} (seed means)\n\n" + T.front_points_markdown(records, t)
                           + "\n" for t in task_order(records)),
+        "across": ("### One setting across tasks (seed means)\n\n" + across) if across else "",
     }
     out.put("table1.csv", T.grid_csv(t1))
     out.put("table2.csv", T.grid_csv(t2))
@@ -227,7 +229,8 @@ def _report_md(records, source: str, md: dict, fronts: list[str], reference: str
     lines += [md["h2h"], md["matched"] or "No matched-accuracy table (see the notes).", ""]
     for name in fronts:
         lines += [f"![{name}]({name})", "", out.captions[name], ""]
-    lines += ["## Tables", ""] + [md[k] for k in ("main", "ablation", "retention", "compute", "complexity") if md[k]]
+    tables = ("main", "ablation", "across", "retention", "compute", "complexity")
+    lines += ["## Tables", ""] + [md[k] for k in tables if md[k]]
     lines += ["## Significance", "", md["significance"]] + _item_tests(records, reference)
     others = [n for n in out.captions if n not in fronts]
     lines += ["## Figures", ""]
@@ -257,7 +260,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, reference: str =
     md = _table_sections(records, reference, out)
     fronts = _figures(records, reference, out)
     out.notes += [f"{name} skipped: {reason}." for name, reason in out.skipped.items()]
-    order = ("h2h", "matched", "fronts", "main", "ablation", "retention", "compute", "complexity")
+    order = ("h2h", "matched", "fronts", "across", "main", "ablation", "retention", "compute", "complexity")
     sections = [md[k] for k in order if md[k]] + ["### Significance over seeds\n", md["significance"]]
     out.put("tables.md", "\n".join(sections))
     out.put("report.md", _report_md(records, results_path.name, md, fronts, reference, out))
