@@ -30,6 +30,7 @@ def test_write_report_outputs(results_file, tmp_path):
     for _, label, _ in ROWS:
         assert f"| {label} |" in md, label
     assert "SciQ" in md and "PIQA" in md
+    assert "### One setting across tasks" in md and "| phi | SciQ Acc % |" in md  # HLoRA's φ swept on both tasks
     report_md = (out / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
         assert f"]({name})" in report_md  # relative links
@@ -50,6 +51,7 @@ def test_no_sweep_no_curves_no_norms(write_results, tmp_path):
     assert all((tmp_path / "r" / f"fronts_{t}.png").exists() for t in TASKS)  # single points still plot
     assert not (tmp_path / "r" / "retention.csv").exists()
     assert any("retention" in n for n in res["notes"])
+    assert "One setting across tasks" not in (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
 
 
 def test_old_records_report(write_results, tmp_path):
