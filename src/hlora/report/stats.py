@@ -364,6 +364,7 @@ def transfer_summary(records: Iterable[dict], task: str, reference: str = REFERE
         return {r["seed"]: r["transfer"][t]["acc"] for r in mine if r["method"] == m and t in r["transfer"]
                 and r["transfer"][t].get("acc") is not None}  # fmt: skip
 
+    ref_accs = {t: accs(reference, t) for t in targets}
     rows = []
     for m in row_order(mine):
         cells, ps = {}, {}
@@ -372,7 +373,7 @@ def transfer_summary(records: Iterable[dict], task: str, reference: str = REFERE
             if not by_seed:
                 continue
             cells[t] = (*mean_std(list(by_seed.values())), len(by_seed))
-            ref = accs(reference, t) if m != reference else {}
+            ref = ref_accs[t] if m != reference else {}
             seeds = sorted(set(by_seed) & set(ref))
             ps[t] = (ttest([by_seed[s] for s in seeds], [ref[s] for s in seeds], paired=True)[1]
                      if len(seeds) >= 2 else math.nan)  # fmt: skip

@@ -35,8 +35,8 @@ __all__ = [
     "matched_csv",
     "matched_latex",
     "retention_markdown",
-    "sweeps_across_tasks_markdown",
     "retention_csv",
+    "sweeps_across_tasks_markdown",
     "compute_markdown",
     "compute_csv",
 ]
@@ -424,8 +424,8 @@ def _retention_cell(s: dict, row: dict, target: str) -> str:
     mean, std, _ = cell
     base = s["base"].get(target)
     extra = [f"{100 * (mean - base):+.2f}"] if base is not None else []
-    p = row["p"].get(target)
-    if row["method"] != s["reference"] and p is not None and math.isfinite(p):
+    p = row["p"].get(target)  # nan for the reference itself
+    if p is not None and math.isfinite(p):
         extra.append(f"p {_fmt_p(p)}")
     return _fmt(mean, std, 100.0) + (f" ({'; '.join(extra)})" if extra else "")
 
@@ -519,19 +519,19 @@ def front_points_markdown(records: Iterable[dict], task: str) -> str:
 
 
 def sweeps_across_tasks_markdown(records: Iterable[dict]) -> str:
-    """Each row swept (two or more values) and run on two or more tasks: one line per sweep value, its seed means (acc, PPL, KL to Base)
-    on every task side by side, so one can see whether a single value (φ, λ, ...) is best everywhere.
-    Empty when no row has a sweep on two tasks."""
+    """Each row swept (two or more values) and run on two or more tasks: one line per sweep value, its
+    seed means (acc, PPL, KL to Base) on every task side by side, so one can see whether a single value
+    (φ, λ, ...) is best everywhere. Empty when no row has a sweep on two tasks."""
     records = list(records)
     labels, tasks = row_labels(records), task_order(records)
     blocks = []
     for m in row_order(records):
-        fronts = {t: [p for p in front(records, m, t) if p["n"] and not p["end"]] for t in tasks}
-        fronts = {t: f for t, f in fronts.items() if sum(p["sweep"] is not None for p in f)}
-        if len(fronts) < 2 or max(sum(p["sweep"] is not None for p in f) for f in fronts.values()) < 2:
+        fronts = {t: [p for p in front(records, m, t) if p["n"] and not p["end"] and p["sweep"]] for t in tasks}
+        fronts = {t: f for t, f in fronts.items() if f}
+        if len(fronts) < 2 or max(map(len, fronts.values())) < 2:
             continue  # on one task only, or never swept (one value of its parameter everywhere)
-        param = next(p["sweep"][0] for f in fronts.values() for p in f if p["sweep"])
-        values = sorted({p["sweep"][1] for f in fronts.values() for p in f if p["sweep"]})
+        param = next(iter(fronts.values()))[0]["sweep"][0]
+        values = sorted({p["sweep"][1] for f in fronts.values() for p in f})
         header = [param] + [f"{task_label(t)} {c}" for t in fronts for c in ("Acc %", "PPL ↓", "KL ↓")]
         rows = []
         for v in values:

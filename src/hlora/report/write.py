@@ -76,7 +76,8 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     comp = T.complexity(records)
     matched = [matched_summary(records, t, reference) for t in task_order(records)]
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
-    transfer = [s for t in task_order(main_cells(records)) if (s := transfer_summary(records, t))["targets"]]
+    transfer = [s for t in task_order(main_cells(records))
+                if (s := transfer_summary(records, t, reference))["targets"]]
     compute = compute_summary(records)
     h2h = [h for t in task_order(records) if (h := head_to_head(records, t, reference))["ref_seeds"]]
     across = T.sweeps_across_tasks_markdown(records)
