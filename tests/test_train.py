@@ -172,3 +172,59 @@ def test_ddp_two_processes_match_one(tmp_path, embedded_data):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(one, tmp_path / "two", tol=2e-4)
+
+
+# ------------------------------------------------------------------ a continued adapter keeps its LoRA settings
+
+
+def _saved_adapter(path: Path, targets=("q_proj", "v_proj"), r=4, alpha=16.0) -> Path:
+    """A PEFT adapter on the tiny model, saved as `hlora general` would (no training needed)."""
+    from hlora.config import LoraConfig
+    from hlora.model import attach_lora
+    from hlora.tiny import tiny_model
+
+    attach_lora(tiny_model("tiny-llama"), LoraConfig(targets=list(targets), r=r, alpha=alpha)).save_pretrained(str(path))
+    return path
+
+
+def test_cli_init_adapter_refuses_lora_settings_it_cannot_honour(tmp_path, embedded_data, capsys):
+    """`--targets q_proj,k_proj --init-adapter <q,v adapter>` would train q,v and record q,k: an error naming both."""
+    from hlora.cli import main
+
+    adapter = _saved_adapter(tmp_path / "nu")
+    base = ["domain", "--model", "tiny-llama", "--data", "sciq", "--method", "none", "--max-steps", "1",
+            "--init-adapter", str(adapter)]
+    for flags, values in [(["--targets", "q_proj,k_proj", "--r", "4"], ("q_proj,k_proj", "q_proj,v_proj")),
+                          (["--r", "8"], ("lora.r=8", "r 4")), (["--r", "4", "lora.alpha=64"], ("alpha=64", "16")),
+                          (["--r", "4", "lora.rslora=true"], ("rslora=True", "rslora False"))]:
+        out = tmp_path / "mu"
+        assert main([*base, *flags, f"out={out}"]) == 2
+        err = capsys.readouterr().err
+        assert all(v in err for v in values) and "init_adapter" in err, err
+        assert not out.exists()
+
+
+def test_init_adapter_settings_apply_when_not_set_and_config_records_them(tmp_path, embedded_data, capsys):
+    adapter = _saved_adapter(tmp_path / "nu", targets=("q_proj", "k_proj"), r=2, alpha=8.0)
+    cfg = apply_overrides(RunConfig(), ["model.name=tiny-llama", "train.seq_len=32", "train.batch_size=2",
+                                        "train.max_steps=1", "data=sciq", "method.name=none",
+                                        f"init_adapter={adapter}", f"out={tmp_path / 'mu'}"])
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.lora.r == 8  # the defaults
+    with pytest.raises(ValueError, match="lora.targets=q_proj,v_proj"):  # from code, every field counts as set
+        run_stage(cfg, "domain")
+    out = run_stage(cfg, "domain", explicit={"model.name", "data", "init_adapter", "lora.dropout"})
+    assert "lora.targets=k_proj,q_proj" in capsys.readouterr().err  # a printed notice
+    import yaml
+
+    ran = yaml.safe_load((out / "config.yaml").read_text())["lora"]
+    assert sorted(ran["targets"]) == ["k_proj", "q_proj"] and ran["r"] == 2 and ran["alpha"] == 8.0
+    trained = {k.split(".")[-3] for k in adapter_tensors(out)}  # ...<module>.lora_A.weight
+    assert trained == {"q_proj", "k_proj"}
+
+
+def test_explicit_keys_are_what_yaml_and_overrides_set(tmp_path):
+    from hlora.config import explicit_keys
+
+    f = tmp_path / "c.yaml"
+    f.write_text("lora: {r: 4}\ndata: sciq\n")
+    assert explicit_keys(f, ["lora.targets=q_proj", "train.lr=1"]) == {"lora.r", "data", "lora.targets", "train.lr"}

@@ -54,11 +54,12 @@ def _run_config(args):
 
 
 def _train(args, stage: str):
+    from .config import explicit_keys
     from .train import run_stage
 
     cfg = _run_config(args)
     t = time.perf_counter()
-    out = run_stage(cfg, stage, resume=args.resume)
+    out = run_stage(cfg, stage, resume=args.resume, explicit=explicit_keys(args.config, _overrides(args)))
     files = ", ".join(sorted(p.name for p in out.iterdir() if p.name not in ("DONE", "config.yaml")))
     print(f"stage {'ν' if stage == 'general' else 'μ'} ({cfg.method.name}) done in {time.perf_counter() - t:.1f} s "
           f"-> {out}: {files}")

@@ -229,5 +229,23 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return apply_overrides(cfg, overrides or [])
 
 
+def explicit_keys(path: str | Path | None = None, overrides: list[str] | None = None) -> set[str]:
+    """The dotted keys a YAML file and `key=value` overrides set (what the user chose, not a default)."""
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.add(f"{prefix}{k}")
+
+    keys: set[str] = set()
+    if path:
+        walk(load_yaml(path), "")
+    for item in overrides or []:
+        keys.add(item.split("=", 1)[0].strip())
+    return keys
+
+
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

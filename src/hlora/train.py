@@ -9,10 +9,12 @@ log.jsonl, summary.json, checkpoints/ (when train.save_steps > 0), DONE last. Ev
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from .config import RunConfig, dump_yaml
+from .config import ConfigError, RunConfig, dump_yaml
 from .data import get_task
 from .data.packing import general_pool, pack
 from .files import append_jsonl, atomic_dir, write_text
@@ -207,10 +209,68 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks: list | None = None) -> Path:
-    """Run stage `general` (ν) or `domain` (μ) into cfg.out; returns the run directory."""
+# LoraConfig field -> the key of PEFT's adapter_config.json that a continued adapter keeps
+_ADAPTER_KEYS = {"targets": "target_modules", "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                 "rslora": "use_rslora"}
+
+
+def _adapter_lora(adapter_dir: Path) -> dict | None:
+    """The LoRA settings (our field names) a saved PEFT adapter trains with, or None without adapter_config.json."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        return None  # attach() reports the missing adapter
+    pc = json.loads(path.read_text())
+    targets = pc.get("target_modules") or []
+    return {"targets": [targets] if isinstance(targets, str) else sorted(targets), "r": int(pc.get("r", 8)),
+            "alpha": float(pc.get("lora_alpha", 8)), "dropout": float(pc.get("lora_dropout", 0.0)),
+            "rslora": bool(pc.get("use_rslora", False))}
+
+
+def _same(name: str, a, b) -> bool:
+    if name == "targets":
+        return set(a) == set(b)
+    if name in ("alpha", "dropout"):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def honour_init_adapter(cfg: RunConfig, explicit: set[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """A stage that continues `cfg.init_adapter` trains that adapter as saved: its targets, r, alpha, dropout
+    and rsLoRA scale, whatever `cfg.lora` says. So a `lora.*` value the user set (`explicit`: the dotted keys
+    of the command's YAML and overrides; None = every field, as for a config built in code) that differs from
+    the adapter's is an error naming both; one left at its default is replaced by the adapter's value, so the
+    run's config.yaml records what ran. Returns (the config to run, notices about replaced values)."""
+    if not cfg.init_adapter:
+        return cfg, []
+    have = _adapter_lora(Path(cfg.init_adapter))
+    if have is None:
+        return cfg, []
+    lora, notes = dataclasses.replace(cfg.lora), []
+    for name in _ADAPTER_KEYS:
+        mine, theirs = getattr(lora, name), have[name]
+        if _same(name, mine, theirs):
+            continue
+        show = (lambda v: ",".join(v)) if name == "targets" else str
+        if explicit is None or "lora" in explicit or f"lora.{name}" in explicit:
+            raise ConfigError(
+                f"lora.{name}={show(mine)}, but init_adapter {cfg.init_adapter} was trained with {name} "
+                f"{show(theirs)} (adapter_config.json {_ADAPTER_KEYS[name]}): a continued adapter keeps its own "
+                f"LoRA settings. Drop lora.{name} (or set it to {show(theirs)}), or train a fresh adapter without "
+                "init_adapter")
+        setattr(lora, name, theirs)
+        notes.append(f"lora.{name}={show(theirs)} (from {cfg.init_adapter}; the default was {show(mine)})")
+    return (dataclasses.replace(cfg, lora=lora) if notes else cfg), notes
+
+
+def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks: list | None = None,
+              explicit: set[str] | None = None) -> Path:
+    """Run stage `general` (ν) or `domain` (μ) into cfg.out; returns the run directory. `explicit`: the
+    config keys the user set (see honour_init_adapter; None = all of them)."""
     if stage not in ("general", "domain"):
         raise ValueError(f"stage must be 'general' or 'domain', got {stage!r}")
+    cfg, notes = honour_init_adapter(cfg, explicit)
+    if notes and _rank() == 0:
+        print("hlora: the init adapter's LoRA settings apply: " + "; ".join(notes), file=sys.stderr)
     out = Path(cfg.out)
     if _rank() != 0:  # under torchrun only rank 0 owns the run directory; the others train alongside
         return _run(cfg, stage, out, resume, extra_callbacks or [])
