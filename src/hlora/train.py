@@ -294,6 +294,9 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
     method = build_method(cfg.method, stage_context(cfg, stage, tok, out))
     model = method.attach(base)
     method.setup(model)
+    for cb in extra_callbacks:  # a callback that steers the method (budget.dual.DualController) binds to it
+        if hasattr(cb, "bind"):
+            cb.bind(method, model, tok, out)
     task = get_task(cfg.data)
     ds = method.train_dataset(pack(tok, task.train_texts(cfg.train.max_examples), cfg.train.seq_len, cfg.data))
     setup_seconds = time.perf_counter() - t0

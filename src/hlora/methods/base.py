@@ -58,6 +58,10 @@ class Method:
     # Known ends of this method's front: {swept value: "base" | "source"} (WiSE-FT: α=0 is the base model,
     # α=1 the trained adapter it scales). Records carry them so that a report can draw the whole front.
     front_ends: ClassVar[dict] = {}
+    # The config field holding the method's strength (φ, λ, β, ρ) that a forgetting-budget controller
+    # (budget/dual.py) may steer during training, and the range it may take; "" = the method has none.
+    coefficient: ClassVar[str] = ""
+    coefficient_range: ClassVar[tuple[float, float]] = (0.0, float("inf"))
 
     def __init__(self, cfg: MethodConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx
@@ -90,6 +94,13 @@ class Method:
     def callbacks(self) -> list:
         """transformers TrainerCallbacks the method needs."""
         return []
+
+    def set_coefficient(self, value: float) -> None:
+        """Change the method's strength mid-training; the next steps use it. Default: the config field, which
+        such a method reads at every step (a method that copied it somewhere at setup overrides this)."""
+        if not self.coefficient:
+            raise ValueError(f"method {self.cfg.name!r} has no coefficient to steer")
+        setattr(self.cfg, self.coefficient, float(value))
 
     # ------------------------------------------------------------------ after training
     def save(self, model: nn.Module, out: Path, summary: dict) -> dict:

@@ -298,6 +298,7 @@ class EWC(Method):
     every cell made with the same settings (`_cache_key`); a file of another kind is never overwritten."""
 
     config_class = EWCConfig
+    coefficient, coefficient_range = "lam", (1e-6, 1e10)
 
     def setup(self, model: nn.Module) -> None:
         from ..importance import Importance
@@ -338,6 +339,11 @@ class EWC(Method):
 
     def loss(self, model, inputs, outputs):
         return self.penalty.penalty()
+
+    def set_coefficient(self, value: float) -> None:
+        super().set_coefficient(value)
+        if getattr(self, "penalty", None) is not None:  # penalty() reads λ at every call
+            self.penalty.lam = float(value)
 
     def save(self, model: nn.Module, out: Path, summary: dict) -> dict:
         info = super().save(model, out, summary)

@@ -250,6 +250,7 @@ class HLoRAConfig(MethodConfig):
 class HLoRA(Method):
     config_class = HLoRAConfig
     stages = ("general", "domain")
+    coefficient, coefficient_range = "phi", (1e-8, 1e8)
 
     def setup(self, model: nn.Module) -> None:
         from ..si import HLoRACallback, SIRecorder
@@ -272,6 +273,11 @@ class HLoRA(Method):
 
     def callbacks(self) -> list:
         return [self.callback] if self.callback is not None else []
+
+    def set_coefficient(self, value: float) -> None:
+        super().set_coefficient(value)
+        if self.penalty is not None:  # penalty() reads φ at every call
+            self.penalty.phi = float(value)
 
     def save(self, model: nn.Module, out: Path, summary: dict) -> dict:
         info = super().save(model, out, summary)

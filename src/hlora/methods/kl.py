@@ -54,6 +54,7 @@ def base_logits(model, inputs: dict) -> torch.Tensor:
 
 class _KL(Method):
     config_class = KLConfig
+    coefficient, coefficient_range = "beta", (1e-6, 1e4)  # _term reads cfg.beta at every call
 
     def _term(self, model, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
         ref = base_logits(model, inputs)

@@ -26,17 +26,41 @@ class ReplayConfig(MethodConfig):
 
 
 class MixedDataset(Dataset):
-    """Sequences of two packed datasets in a fixed order: `order[i] = (source, index)`; read in order."""
+    """Sequences of two packed datasets, laid out step by step (`order[i] = (source, index)`) and read in order.
+
+    The layout of a step is made when the Trainer first reads it, with the number of general sequences from the
+    current `rho`: round(ρ·G) while ρ is fixed, or error diffusion once a controller steers ρ (`steered`; the
+    shares of consecutive steps then average ρ·G). With a fixed ρ the layout equals `mix_order`'s."""
 
     ordered = True
 
-    def __init__(self, domain, general, order: list[tuple[int, int]], steps: int, description: dict):
-        self.sources, self.order, self.steps, self.description = (domain, general), order, steps, description
+    def __init__(self, domain, general, steps: int, global_batch: int, rho: float, seed: int, description: dict,
+                 steered: bool = False):
+        self.sources, self.steps, self.G, self.rho, self.steered = (domain, general), steps, global_batch, rho, steered
+        self.description = description
+        self.order: list[tuple[int, int]] = []
+        self.general_sequences = 0
+        self._carry = 0.0
+        self._layout = _mix_steps(len(domain), len(general), global_batch, self._k, seed)
+
+    def _k(self) -> int:
+        if not self.steered:
+            return round(self.rho * self.G)
+        want = self.rho * self.G + self._carry
+        k = min(max(int(math.floor(want + 1e-9)), 0), self.G)
+        self._carry = want - k
+        return k
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.steps * self.G
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        while len(self.order) <= i:
+            step = next(self._layout)
+            self.general_sequences += sum(src for src, _ in step)
+            self.order.extend(step)
         src, j = self.order[i]
         return self.sources[src][j]
 
@@ -49,9 +73,9 @@ def plain_steps(n_sequences: int, train, world: int = 1) -> int:
     return math.ceil(train.epochs * per_epoch)
 
 
-def mix_order(n_domain: int, n_general: int, steps: int, global_batch: int, k: int, seed: int):
-    """Per step: k general and global_batch − k domain sequences, each source cycled through its own seeded
-    permutations (no repeat before the pool is used up), shuffled within the step."""
+def _mix_steps(n_domain: int, n_general: int, global_batch: int, k_of_step, seed: int):
+    """Endless steps: per step k_of_step() general and global_batch − k domain sequences, each source cycled
+    through its own seeded permutations (no repeat before the pool is used up), shuffled within the step."""
     g = torch.Generator().manual_seed(seed)
 
     def stream(n):
@@ -59,16 +83,30 @@ def mix_order(n_domain: int, n_general: int, steps: int, global_batch: int, k: i
             yield from torch.randperm(n, generator=g).tolist()
 
     dom, gen = stream(n_domain), stream(n_general)
-    order = []
-    for _ in range(steps):
+    while True:
+        k = k_of_step()
         step = [(1, next(gen)) for _ in range(k)] + [(0, next(dom)) for _ in range(global_batch - k)]
         perm = torch.randperm(global_batch, generator=g).tolist()
-        order.extend(step[p] for p in perm)
-    return order
+        yield [step[p] for p in perm]
+
+
+def mix_order(n_domain: int, n_general: int, steps: int, global_batch: int, k: int, seed: int):
+    """The layout of `steps` steps with k general sequences each (see `_mix_steps`)."""
+    layout = _mix_steps(n_domain, n_general, global_batch, lambda: k, seed)
+    return [pair for _ in range(steps) for pair in next(layout)]
 
 
 class Replay(Method):
     config_class = ReplayConfig
+    coefficient, coefficient_range = "rho", (0.0, 0.9)  # at most 0.9: a step keeps some domain data
+    _mixed: MixedDataset | None = None
+    _steered = False
+
+    def set_coefficient(self, value: float) -> None:
+        super().set_coefficient(value)
+        self._steered = True
+        if self._mixed is not None:  # steps laid out from now on take the new share
+            self._mixed.rho, self._mixed.steered = float(value), True
 
     def train_dataset(self, dataset):
         rho = float(self.cfg.rho)
@@ -82,9 +120,16 @@ class Replay(Method):
         steps = plain_steps(len(dataset), t, world)
         k = round(rho * G)
         pool = self.ctx.general_pool()
-        order = mix_order(len(dataset), len(pool), steps, G, k, seed=t.seed)
-        seq_len = int(dataset[0]["input_ids"].shape[0])
-        self.costs.general_tokens = self.costs.replaced_tokens = steps * k * seq_len
+        self.seq_len = int(dataset[0]["input_ids"].shape[0])
+        self.costs.general_tokens = self.costs.replaced_tokens = steps * k * self.seq_len
         desc = {"data": "replay", "domain": dataset.description, "general": pool.description, "rho": rho,
                 "general_per_step": k, "global_batch": G, "steps": steps}
-        return MixedDataset(dataset, pool, order, steps, desc)
+        if self._steered:
+            desc["rho_steered"] = True
+        self._mixed = MixedDataset(dataset, pool, steps, G, rho, seed=t.seed, description=desc, steered=self._steered)
+        return self._mixed
+
+    def save(self, model, out, summary: dict) -> dict:
+        if self._steered and self._mixed is not None:  # the share varied: count what was laid out
+            self.costs.general_tokens = self.costs.replaced_tokens = self._mixed.general_sequences * self.seq_len
+        return super().save(model, out, summary)
