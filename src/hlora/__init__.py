@@ -11,6 +11,8 @@ _EXPORTS = {
     "loglikelihood": "evaluate", "perplexity": "evaluate",
     "get_task": "data", "load_model": "model", "attach_lora": "model",
     "build_method": "methods", "method_config": "config", "evaluate_checkpoint": "eval_recipe",
+    "tune": "budget.tune", "TuneConfig": "budget.tune", "Budget": "budget.measure", "search_alpha": "budget.alpha",
+    "DualController": "budget.dual",
 }
 __all__ = list(_EXPORTS)
 

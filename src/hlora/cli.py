@@ -149,6 +149,12 @@ def cmd_demo(args):
     demo(out=args.out, overrides=_overrides(args), config=args.config)
 
 
+def cmd_tune(args):
+    from .budget.tune import main as tune_main
+
+    tune_main(args, _overrides(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hlora", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -206,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(dm)
     dm.add_argument("--out", default="runs/demo")
     dm.set_defaults(fn=cmd_demo)
+
+    tu = sub.add_parser("tune", help="the most domain-accurate model within a forgetting budget (--budget c4_kl=0.05)")
+    _add_common(tu, {k: v for k, v in RUN_FLAGS.items() if k != "--method"})
+    tu.add_argument("--method", help="none (α search), hlora|kl_general|ewc|replay (steered, then α), auto (default)")
+    tu.add_argument("--budget", help="MEASURE=LIMIT: c4_kl=0.05, c4_ppl_rise_pct=2, battery_drop_pts=1, "
+                                     "wikitext_ppl_rise_pct=2, text:FILE_kl=...")
+    tu.add_argument("--allow", help="auto: the regularisers to try (default hlora,kl_general,ewc,replay)")
+    tu.set_defaults(fn=cmd_tune)
     return p
 
 

@@ -1,0 +1,327 @@
+"""The forgetting budget (hlora.budget): the budget's syntax and measures, the WiSE-FT α search on synthetic
+curves and on a tiny model, the dual update of a method's coefficient (a lagged synthetic plant and a tiny
+model), unresolvable budgets, and `hlora tune` end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from hlora.budget import AlphaSearchConfig, Budget, BudgetError, DualConfig, DualController, DualUpdate, Point
+from hlora.budget import search_alpha
+from hlora.budget.measure import Measurer, SliceConfig, acc_drop, kl_per_token, ppl_rise, text_slices
+from hlora.config import ConfigError
+
+WORDS = ("the cell is the basic unit of life water boils at one hundred degrees heat makes metal expand gravity "
+         "friction planets Mercury Venus Earth Mars").split()
+
+
+def make_data(d):
+    """general.jsonl (held-out general text, 60 documents of 6 lines), pool.jsonl (general training text),
+    domain.jsonl (a 4-way multiple-choice task)."""
+    rng = random.Random(0)
+    with open(d / "general.jsonl", "w") as f:
+        for _ in range(60):
+            lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(6)]
+            f.write(json.dumps({"text": "\n".join(lines)}) + "\n")
+    with open(d / "pool.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(60))}) + "\n")
+    ch = ["protons", "neutrons", "electrons", "gravity"]
+    with open(d / "domain.jsonl", "w") as f:
+        for i in range(60):
+            f.write(json.dumps({"question": f"Question: What is item {i % 7}? Answer:", "choices": ch,
+                                "gold": rng.randrange(4)}) + "\n")
+    return d
+
+
+# ----------------------------------------------------------------------------- the budget and its measures
+
+
+def test_budget_parses_measure_and_limit():
+    b = Budget.parse("c4_kl=0.05")
+    assert (b.task, b.kind, b.limit, b.measure) == ("c4", "kl", 0.05, "c4_kl")
+    assert Budget.parse("battery_drop_pts=1").kind == "drop_pts"
+    assert Budget.parse("wikitext_ppl_rise_pct=2").task == "wikitext"
+    b = Budget.parse("text:data/my_general.jsonl_ppl_rise_pct=5")
+    assert (b.task, b.kind, b.limit) == ("text:data/my_general.jsonl", "ppl_rise_pct", 5.0)
+    for bad, msg in [("c4=0.05", "must end in"), ("c4_kl=-1", "budget.limit"), ("c4_kl=abc", "not a number"),
+                     ("c4_kl", "MEASURE=LIMIT")]:
+        with pytest.raises(ConfigError, match=msg):
+            Budget.parse(bad)
+
+
+def test_measures_and_their_standard_errors():
+    # ppl rise: per-document NLL sums against the base on the same tokens
+    v, se = ppl_rise([11.0, 22.0, 10.0, 21.0], [10.0, 20.0, 10.0, 20.0], [10, 20, 10, 20])
+    assert v == pytest.approx(100 * math.expm1(4 / 60))
+    assert se > 0
+    v, se = ppl_rise([10.0, 20.0], [10.0, 20.0], [10, 20])
+    assert (v, se) == (0.0, 0.0)
+    v, se = kl_per_token([1.0, 2.0, 1.5], [10, 20, 15])
+    assert v == pytest.approx(0.1) and se == pytest.approx(0.0)
+    # accuracy drop in points, averaged over tasks without weights
+    v, se = acc_drop([[1, 0, 1, 1], [0, 0]], [[1, 1, 1, 1], [1, 0]])
+    assert v == pytest.approx((25 + 50) / 2)
+    assert se > 0
+
+
+# ----------------------------------------------------------------------------- α search on synthetic curves
+
+
+def curve(f, se=lambda a: 1e-4):
+    calls = []
+
+    def measure(alpha):
+        calls.append(alpha)
+        return Point(alpha=alpha, forgetting=f(alpha), se=se(alpha), domain_acc=0.5 + 0.3 * alpha)
+
+    return measure, calls
+
+
+def test_alpha_search_finds_the_largest_feasible_alpha_on_a_bending_curve():
+    b = 0.05
+    roots = (0.4, 0.6, 0.83)  # within budget on [0, .4] and [.6, .83]; over it on (.4, .6) and above .83
+    c = b / (roots[0] * roots[1] * roots[2])
+
+    def f(a):
+        return b + c * (a - roots[0]) * (a - roots[1]) * (a - roots[2])
+
+    measure, calls = curve(f)
+    cfg = AlphaSearchConfig(grid=4, refine=4)
+    res = search_alpha(measure, b, cfg)
+    step = 1 / (cfg.grid * 2 ** cfg.refine)
+    assert roots[2] - step <= res.chosen.alpha <= roots[2]  # not the first crossing at 0.4
+    assert res.chosen.feasible and res.chosen.forgetting <= b
+    assert res.bracket[1] - res.bracket[0] == pytest.approx(step)
+    assert calls[:3] == [0.0, 1.0, 0.75]  # base, α = 1 (over), 0.75 (within): bracket (0.75, 1)
+    assert len(calls) == 3 + cfg.refine and res.evaluations == 2 + cfg.refine
+    assert [p.alpha for p in res.points] == calls  # every α evaluated is recorded, in order
+    assert all(p.seconds > 0 for p in res.points)
+
+
+def test_alpha_search_monotone_curve_and_alpha_one():
+    b = 0.02
+    measure, _ = curve(lambda a: b * (a / 0.37) ** 2)
+    res = search_alpha(measure, b, AlphaSearchConfig(grid=4, refine=5))
+    assert 0.37 - 1 / 128 <= res.chosen.alpha <= 0.37
+    measure, calls = curve(lambda a: 0.5 * b * a)
+    res = search_alpha(measure, b)
+    assert res.chosen.alpha == 1.0 and calls == [0.0, 1.0]  # α = 1 meets it: one evaluation
+
+
+def test_budget_only_the_base_model_meets_is_an_error_or_the_nearest_model_with_a_warning():
+    b = 0.01
+    measure, _ = curve(lambda a: b * a / 0.03)  # only α <= 0.03 is within budget
+    with pytest.raises(BudgetError, match="in effect the base model") as e:
+        search_alpha(measure, b)
+    assert e.value.result.chosen.alpha < 0.05  # what was measured travels with the error
+    with pytest.warns(UserWarning, match="in effect the base model"):
+        res = search_alpha(measure, b, AlphaSearchConfig(on_unresolvable="nearest"))
+    assert res.warning and 0 < res.chosen.alpha <= 0.03
+
+
+def test_budget_below_the_noise_of_the_validation_slice_is_an_error():
+    b = 0.01
+    measure, _ = curve(lambda a: 0.5 * b * a, se=lambda a: b)  # within budget, but ± one budget of noise
+    with pytest.raises(BudgetError, match="below the measurement noise"):
+        search_alpha(measure, b)
+    res = search_alpha(measure, b, AlphaSearchConfig(min_snr=0))  # the check can be switched off
+    assert res.chosen.alpha == 1.0
+
+
+# ----------------------------------------------------------------------------- the dual update
+
+
+def lagged_plant(rule: DualUpdate, steps: int, gain: float, every: int, lag: float, noise: float = 0.0):
+    """Forgetting moves toward gain/c with a lag per step (what the adapter learned stays until training pulls
+    it back); the controller measures every `every` steps. Returns the (coefficient, forgetting) trace."""
+    rng = random.Random(0)
+    m, trace = 0.0, []
+    for t in range(1, steps + 1):
+        m += lag * (gain / rule.value - m)
+        if t % every == 0:
+            rule.update(m * (1 + noise * rng.gauss(0, 1)))
+            trace.append((rule.value, m))
+    return trace
+
+
+def test_dual_update_moves_the_coefficient_the_right_way():
+    cfg = DualConfig(eta=0.5)
+    rule = DualUpdate(1.0, target=0.1, lo=1e-6, hi=1e6, cfg=cfg)
+    assert rule.update(0.3) > 1.0  # over budget: more regularisation
+    rule = DualUpdate(1.0, target=0.1, lo=1e-6, hi=1e6, cfg=cfg)
+    assert rule.update(0.01) < 1.0  # under budget: less
+    assert rule.update(0.01) == pytest.approx(math.exp(-2 * 0.5 * 0.9))
+    rho = DualUpdate(0.25, target=0.1, lo=0.0, hi=0.9, cfg=cfg)  # ρ: linear steps, clipped to [0, 0.9]
+    assert rho.update(1.0) == pytest.approx(0.25 + 0.2 * 0.5)
+    for _ in range(20):
+        rho.update(1.0)
+    assert rho.value == 0.9
+    rho.update(0.0)  # anti-windup: pinned at the bound, it moves back at the first sign change
+    assert rho.value < 0.9
+
+
+def test_dual_update_settles_at_the_budget_on_a_lagged_plant():
+    target = 0.05  # the coefficient starts 400x too small: c* = gain / target = 4
+    for eta in (0.25, 0.5):
+        rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=eta))
+        trace = lagged_plant(rule, steps=600, gain=0.2, every=5, lag=0.05)
+        tail = [m for _, m in trace[-20:]]
+        assert all(abs(m / target - 1) < 0.05 for m in tail), (eta, tail)
+        assert rule.value == pytest.approx(0.2 / target, rel=0.1)
+    # a step far too large for the interval rings: the forgetting keeps swinging around the target
+    rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=4.0))
+    tail = [m for _, m in lagged_plant(rule, steps=600, gain=0.2, every=10, lag=0.15)[-20:]]
+    assert max(tail) / target > 1.5 and min(tail) / target < 0.5
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_data(tmp_path)
+
+
+def _tiny_run(tmp_path, data, method: str, budget: float, name: str, steps: int = 6):
+    from hlora.budget.dual import TextProxy
+    from hlora.config import RunConfig, load_config
+    from hlora.model import load_model
+    from hlora.train import run_stage
+
+    _, tok, _ = load_model("tiny-llama")
+    val, _ = text_slices(f"text:{data}/general.jsonl", tok, SliceConfig(general_val_tokens=2048, general_test_tokens=64))
+    cfg = load_config(RunConfig, None, ["model.name=tiny-llama", f"data=mcq:{data}/domain.jsonl",
+                                        f"general_data=text:{data}/pool.jsonl", f"method.name={method}",
+                                        f"train.max_steps={steps}", "train.seq_len=32", "train.lr=0.03", "lora.r=4",
+                                        "lora.alpha=16", f"out={tmp_path / name}"])
+    ctrl = DualController(TextProxy("kl", val.texts, 128, 32), budget, DualConfig(every=2, eta=0.5))
+    out = run_stage(cfg, "domain", extra_callbacks=[ctrl])
+    return ctrl, out
+
+
+def test_dual_controller_on_a_tiny_model_steers_the_coefficient(tmp_path, data):
+    # a budget far below what the run forgets: β rises at every update; far above: it falls
+    ctrl, out = _tiny_run(tmp_path, data, "kl_general", 1e-6, "tight")
+    betas = [r["value"] for r in ctrl.trace]
+    assert ctrl.name == "beta" and betas[0] == 0.1
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:]))
+    assert ctrl.method.cfg.beta == betas[-1]  # the method reads the steered value
+    logged = [json.loads(line) for line in (out / "dual.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 2, 4, 6] and logged[-1]["value"] == betas[-1]
+    assert all(r["proxy"] > 0 for r in logged[1:])
+    ctrl, _ = _tiny_run(tmp_path, data, "replay", 10.0, "loose")
+    rhos = [r["value"] for r in ctrl.trace]
+    assert ctrl.name == "rho" and rhos[0] == 0.25 and rhos[-1] == 0.0  # ρ falls to 0, clipped
+    assert ctrl.method._mixed.steered
+
+
+def test_replay_lays_out_steps_lazily_like_mix_order():
+    from hlora.data.packing import PackedDataset
+    from hlora.methods.replay import MixedDataset, mix_order
+
+    dom = PackedDataset(torch.arange(40).view(10, 4))
+    gen = PackedDataset(100 + torch.arange(28).view(7, 4))
+    fixed = MixedDataset(dom, gen, steps=5, global_batch=4, rho=0.25, seed=3, description={})
+    _ = [fixed[i] for i in range(len(fixed))]
+    assert fixed.order == mix_order(10, 7, steps=5, global_batch=4, k=1, seed=3)
+    steered = MixedDataset(dom, gen, steps=20, global_batch=4, rho=0.3, seed=3, description={}, steered=True)
+    _ = [steered[i] for i in range(len(steered))]
+    assert steered.general_sequences == 24  # error diffusion: 0.3 · 4 · 20 general sequences in all
+
+
+# ----------------------------------------------------------------------------- α search on a tiny model
+
+
+def test_alpha_search_finds_a_planted_budget_on_a_tiny_model(tmp_path, data):
+    from hlora.budget.measure import domain_slices
+    from hlora.budget.tune import _scaled_adapter
+    from hlora.config import LoraConfig
+    from hlora.model import attach_lora, load_adapter, load_model
+
+    base, tok, _ = load_model("tiny-llama")
+    model = attach_lora(base, LoraConfig(r=4, alpha=16, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a "trained" adapter: ΔW ≠ 0
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    sl = SliceConfig(general_val_tokens=768, general_test_tokens=256, domain_val_items=20)
+    val, _ = text_slices(f"text:{data}/general.jsonl", tok, sl)
+    dom_val, _ = domain_slices(f"mcq:{data}/domain.jsonl", sl)
+    b = Budget(task=f"text:{data}/general.jsonl", kind="kl", limit=1.0)
+    m = Measurer(b, val, dom_val, tok).attach(model)
+    dense = {a: m.measure(a).forgetting for a in (0.2, 0.4, 0.55, 0.6, 0.65, 0.8, 1.0)}
+    assert all(dense[x] < dense[y] for x, y in zip(sorted(dense), sorted(dense)[1:]))  # KL grows with α here
+    b.limit = dense[0.6]  # plant the optimum at α = 0.6
+    res = search_alpha(m, b.limit, AlphaSearchConfig(grid=4, refine=4))
+    assert 0.6 - 1 / 64 <= res.chosen.alpha <= 0.6 + 1e-9
+    assert res.chosen.forgetting <= b.limit and res.chosen.se > 0
+    assert res.points[0].alpha == 0.0 and not math.isnan(res.points[0].domain_acc)  # the base model's point
+    # the saved adapter, ΔW scaled by α, is the chosen model
+    alpha = res.chosen.alpha
+    ids = torch.tensor([[1, 5, 9, 30, 2, 7]])
+    from peft.helpers import rescale_adapter_scale
+
+    with torch.no_grad(), rescale_adapter_scale(model, alpha):
+        want = model(input_ids=ids).logits
+    _scaled_adapter(model, alpha, tmp_path / "adapter")
+    loaded = load_adapter(load_model("tiny-llama")[0], tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- hlora tune end to end
+
+
+def _cli(tmp_path, data, *extra):
+    from hlora.cli import main
+
+    return main(["tune", "--model", "tiny-llama", "--data", f"mcq:{data}/domain.jsonl",
+                 "--general-data", f"text:{data}/pool.jsonl", "--max-steps", "2", "--seq-len", "32", "--r", "4",
+                 "--alpha", "16", "--out", str(tmp_path / "tune"),
+                 "slices.general_val_tokens=512", "slices.general_test_tokens=128", "slices.domain_val_items=20",
+                 "dual.every=1", "dual.proxy_tokens=128", "search.grid=2", "search.refine=1", *extra])
+
+
+def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
+    rc = _cli(tmp_path, data, "--method", "auto", "--allow", "kl_general",
+              "--budget", f"text:{data}/general.jsonl_kl=0.5")
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rec = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert [c["label"] for c in rec["candidates"]] == ["none", "kl_general"]
+    kl = rec["candidates"][1]
+    assert kl["steered"] and kl["dual"]["coefficient"] == "beta" and len(kl["dual"]["trace"]) == 3
+    w = rec["winner"]
+    assert w["label"] in ("none", "kl_general") and 0 < w["alpha"] <= 1
+    assert w["validation"]["forgetting"] <= 0.5 and "forgetting" in w["test"] and "domain_acc" in w["test"]
+    assert rec["cost"]["training_steps"] == 4 and rec["cost"]["evaluations"] >= 4
+    assert (tmp_path / "tune" / "adapter" / "adapter_config.json").is_file()
+    assert "chosen:" in out.out and "(test)" in out.out and "training steps" in out.out
+    # validation and test never share a document
+    sl = rec["slices"]
+    assert sl["general_validation"][0]["docs"].startswith("last") and sl["general_test"][0]["docs"].startswith("first")
+    # a finished tune is not overwritten
+    assert _cli(tmp_path, data, "--method", "none", "--budget", f"text:{data}/general.jsonl_kl=0.5") == 2
+    assert "already holds a finished tune" in capsys.readouterr().err
+
+
+def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):
+    assert _cli(tmp_path, data, "--method", "none", "--budget", "c4=0.05") == 2
+    assert "must end in" in capsys.readouterr().err
+    assert _cli(tmp_path, data, "--method", "wise", "--budget", f"text:{data}/general.jsonl_kl=0.5") == 2
+    assert "tune.method" in capsys.readouterr().err
+    assert _cli(tmp_path, data, "--method", "none", "--budget", f"mcq:{data}/domain.jsonl_kl=0.5") == 2
+    assert "budget.task" in capsys.readouterr().err
+    assert not (tmp_path / "tune").exists()  # nothing written before the input is checked
+
+
+def test_cli_tune_unresolvable_budget_is_a_clear_error(tmp_path, data, capsys):
+    rc = _cli(tmp_path, data, "--method", "none", "--lr", "0.05", "--budget", f"text:{data}/general.jsonl_kl=1e-7")
+    err = capsys.readouterr().err
+    assert rc == 2 and "no candidate meets the budget" in err
+    rec = json.loads((tmp_path / "tune" / "tune.json").read_text())  # what was tried is on record
+    assert rec["winner"] is None and rec["candidates"][0]["error"]
+    assert not (tmp_path / "tune" / "adapter").exists()
