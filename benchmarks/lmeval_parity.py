@@ -4,6 +4,9 @@
     python benchmarks/lmeval_parity.py --task sciq --limit 200 --out sciq.json
     python benchmarks/lmeval_parity.py --task piqa --limit 200 --out piqa.json
     python benchmarks/lmeval_parity.py --task wikitext --limit 8 --window 512 --out wikitext.json
+    python benchmarks/lmeval_parity.py --task c4 --limit 16 --out c4.json
+    python benchmarks/lmeval_parity.py --task winogrande --limit 100 --out winogrande.json   # and the other
+                                       battery tasks: arc_challenge, boolq, commonsense_qa, siqa, copa
 
 Creates (once) its own virtual environment `.venv-lmeval` with lm-eval 0.4.13 next to the
 same torch / transformers as `.venv`, then re-runs itself inside it, offline. On SmolLM2-135M:
@@ -11,7 +14,9 @@ same torch / transformers as `.venv`, then re-runs itself inside it, offline. On
 * `sciq` / `piqa`: the first N items (SciQ test, PIQA validation; lm-eval's templates) scored with
   lm-eval's `HFLM.loglikelihood` and with `hlora.evaluate.loglikelihood`: the largest per-choice
   difference of log-likelihoods, both accuracies, the seconds each took and the ratio;
-* `wikitext`: the first N WikiText-2 test documents scored with lm-eval's
+* the battery tasks: the first N items of each llm-foundry file, hlora's requests checked against lm-eval's
+  prompts written out here (`battery_requests`), then scored by both (WinoGrande: partial scoring);
+* `wikitext` / `c4`: the first N WikiText-2 test (C4 validation) documents scored with lm-eval's
   `HFLM.loglikelihood_rolling` (`max_length=--window`) and with `hlora.evaluate.perplexity(window=)`:
   the largest per-document difference of log-likelihoods, word and token perplexities, seconds.
 
@@ -91,7 +96,10 @@ if __name__ == "__main__" and "--setup-only" in sys.argv:
 
 
 # ----------------------------------------------------------------------------- data
-TASK_FILES = {"sciq": "sciq/test.jsonl", "piqa": "piqa/validation.jsonl", "wikitext": "wikitext-2-raw/test.jsonl"}
+TASK_FILES = {"sciq": "sciq/test.jsonl", "piqa": "piqa/validation.jsonl", "wikitext": "wikitext-2-raw/test.jsonl",
+              "c4": "c4/validation.jsonl"}
+BATTERY = ("arc_challenge", "boolq", "commonsense_qa", "siqa", "copa", "winogrande")
+TASK_FILES.update({t: f"battery/{t}.jsonl" for t in BATTERY})
 
 
 def data_file(task: str) -> Path:
@@ -127,6 +135,41 @@ def mcq_items(task: str, limit: int):
     return items
 
 
+def battery_requests(task: str, d: dict) -> tuple[list[tuple[str, str]], int]:
+    """lm-eval 0.4's prompt for one llm-foundry battery record, written out here independently of hlora's
+    templates: [(context, continuation)] per option, and the gold index."""
+    import re
+
+    q, gold = d.get("query", ""), d["gold"]
+    if task == "arc_challenge":  # arc_easy.yaml: "Question: {{question}}\nAnswer:"
+        return [(q + "\nAnswer:", " " + c) for c in d["choices"]], gold
+    if task == "boolq":  # super_glue/boolq: "{{passage}}\nQuestion: {{question}}?\nAnswer:", ["no", "yes"]
+        return [(q.removeprefix("Passage: ") + "\nAnswer:", " " + c) for c in d["choices"]], gold
+    if task == "commonsense_qa":  # "Question: {{question}}\nA. ..\nAnswer:", the letters
+        ctx = q.replace("\nChoices:\n", "\n", 1)
+        return [(ctx, " " + c) for c in d["choices"]], gold
+    if task == "siqa":  # social_iqa: "Q: {{context}} {{question}}\nA:", the answers
+        m = re.match(r"Context: (.*)\nQuestion: (.*)\nChoices:\nA\. (.*)\nB\. (.*)\nAnswer:$", q)
+        return [(f"Q: {m[1]} {m[2]}\nA:", " " + a) for a in (m[3], m[4])], gold
+    if task == "copa":  # super_glue/copa: the record is lm-eval's doc_to_text / convert_choice already
+        return [(q, " " + c) for c in d["choices"]], gold
+    if task == "winogrande":  # partial scoring: each context, then the shared continuation
+        return [(c, " " + d["continuation"]) for c in d["context_options"]], gold
+    raise ValueError(task)
+
+
+def battery_items(task: str, limit: int):
+    """hlora's items of a battery task, and how many of their requests differ from lm-eval's prompts."""
+    from hlora.data import get_task
+
+    items = get_task(task).eval_items(limit)
+    mismatches = 0
+    for it, (_, d) in zip(items, _jsonl(task, limit)):
+        reqs, gold = battery_requests(task, d)
+        mismatches += (reqs != it.requests()) or gold != it.gold
+    return items, mismatches
+
+
 def first_max(v):
     return max(range(len(v)), key=lambda j: (v[j], -j))  # numpy argmax's tie rule
 
@@ -138,7 +181,7 @@ def accuracies(items, lls):
         ll = lls[k:k + len(it.choices)]
         k += len(it.choices)
         acc += first_max(ll) == it.gold
-        acc_norm += first_max([x / len(c) for x, c in zip(ll, it.choices)]) == it.gold
+        acc_norm += first_max([x / n for x, n in zip(ll, it.norm_lengths())]) == it.gold
     return acc / len(items), acc_norm / len(items)
 
 
@@ -200,8 +243,11 @@ def compare_mcq(args, ev, model, tok) -> tuple[dict, str]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    items = mcq_items(args.task, args.limit)
-    reqs = [(it.context, it.delimiter + ch) for it in items for ch in it.choices]
+    if args.task in BATTERY:
+        items, template_mismatches = battery_items(args.task, args.limit)
+    else:
+        items, template_mismatches = mcq_items(args.task, args.limit), 0
+    reqs = [r for it in items for r in it.requests()]
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
     # Same tokens on both sides? (lm-eval's own encoder vs ours)
     ours_enc = ev.encode_requests(tok, reqs)
@@ -231,6 +277,7 @@ def compare_mcq(args, ev, model, tok) -> tuple[dict, str]:
         "distinct_contexts": len({c for c, _ in reqs}),
         "mean_tokens_per_request": sum(len(c) + len(x) for c, x in ours_enc) / len(reqs),
         "tokenization_mismatches": enc_mismatch,
+        "template_mismatches_vs_lm_eval_prompt": template_mismatches,
         "max_abs_delta_ll": max(deltas),
         "mean_abs_delta_ll": sum(deltas) / len(deltas),
         "n_delta_over_1e-4": sum(d > 1e-4 for d in deltas),
@@ -242,7 +289,8 @@ def compare_mcq(args, ev, model, tok) -> tuple[dict, str]:
     }
     text = (
         f"{args.task}, {len(items)} items / {len(reqs)} requests, SmolLM2-135M, batch {args.batch_size}\n"
-        f"  tokenization mismatches: {enc_mismatch}\n"
+        f"  tokenization mismatches: {enc_mismatch}; template mismatches: {template_mismatches}; "
+        f"same prediction on {agree}/{len(items)} items\n"
         f"  max |Δll| per choice:    {res['max_abs_delta_ll']:.3e} (mean {res['mean_abs_delta_ll']:.3e}, "
         f"{res['n_delta_over_1e-4']} over 1e-4), greedy flags differing: {greedy_mismatch}\n"
         f"  acc       lm-eval {acc_l:.4f}   hlora {acc_o:.4f}\n"
@@ -256,7 +304,7 @@ def compare_rolling(args, ev, model, tok) -> tuple[dict, str]:
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    texts = [d["text"] for _, d in _jsonl("wikitext", args.limit)]
+    texts = [d["text"] for _, d in _jsonl(args.task, args.limit)]
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.window)
     # What lm-eval conditions the first token on, and whether it adds special tokens to a document.
     lm_tokens = [lm.tok_encode(t) for t in texts]
@@ -286,7 +334,7 @@ def compare_rolling(args, ev, model, tok) -> tuple[dict, str]:
     word_ppl = {"lm_eval": math.exp(-sum(ref) / n_words), "hlora": ours["word_ppl"]}
     token_ppl = {"lm_eval": math.exp(-sum(ref) / n_tok), "hlora": ours["token_ppl"]}
     res = {
-        "task": f"wikitext ({TASK_FILES['wikitext']}), raw text, loglikelihood_rolling",
+        "task": f"{args.task} ({TASK_FILES[args.task]}), raw text, loglikelihood_rolling",
         "documents": len(texts),
         "window": args.window,
         "tokens": n_tok,
@@ -301,7 +349,7 @@ def compare_rolling(args, ev, model, tok) -> tuple[dict, str]:
         **timing_summary(t, len(texts), "document"),
     }
     text = (
-        f"wikitext-2 test, {len(texts)} documents / {n_tok} tokens, window {args.window}, SmolLM2-135M, "
+        f"{args.task}, {len(texts)} documents / {n_tok} tokens, window {args.window}, SmolLM2-135M, "
         f"batch {args.batch_size}\n"
         f"  prefix token: lm-eval {prefix['lm_eval_prefix_token_id']}, hlora {prefix['hlora_prefix_token_id']} "
         f"(bos {tok.bos_token_id}, eos {tok.eos_token_id}); lm-eval adds special tokens: "
@@ -320,7 +368,7 @@ def ours_tokens(ev, tok, texts):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", choices=["sciq", "piqa", "wikitext"], default="sciq")
+    ap.add_argument("--task", choices=["sciq", "piqa", "wikitext", "c4", *BATTERY], default="sciq")
     ap.add_argument("--limit", type=int, default=0,
                     help="first N items (default 200) or WikiText documents (default 8)")
     ap.add_argument("--window", type=int, default=512, help="wikitext: rolling window = lm-eval's max_length")
@@ -329,7 +377,7 @@ def main() -> None:
     ap.add_argument("--out", default="", help="write the numbers to this JSON file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
-    args.limit = args.limit or (8 if args.task == "wikitext" else 200)
+    args.limit = args.limit or (8 if args.task in ("wikitext", "c4") else 200)
 
     import importlib
     from importlib.metadata import version
@@ -344,7 +392,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tok, _ = load_model("smollm2-135m")
     print(f"loaded SmolLM2-135M in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    compare = compare_rolling if args.task == "wikitext" else compare_mcq
+    compare = compare_rolling if args.task in ("wikitext", "c4") else compare_mcq
     res, text = compare(args, ev, model, tok)
     res = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1, fp32)",

@@ -79,7 +79,7 @@ def test_bad_mcq_files_name_file_and_line(tmp_path, content, needle):
 
 def test_unknown_task_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="did you mean 'sciq'"):
-        get_task("sqiq")
+        get_task("scienceq")
     with pytest.raises(AssetError, match="not found"):
         get_task(f"mcq:{tmp_path / 'missing.jsonl'}")
     with pytest.raises(AssetError, match="not found"):

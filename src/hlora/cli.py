@@ -76,10 +76,14 @@ def cmd_domain(args):
 def format_eval_table(result: dict) -> str:
     rows = ["| task | metric | value | n | seconds |", "|---|---|---:|---:|---:|"]
     for name, r in result["tasks"].items():
-        keys = ["acc", "acc_norm"] if "acc" in r else ["token_ppl", "word_ppl", "bits_per_byte"] + (
+        keys = r.get("metrics", ["acc", "acc_norm"]) if "acc" in r else ["token_ppl", "word_ppl", "bits_per_byte"] + (
             ["kl"] if r.get("kl") is not None else [])
         for k in keys:
             rows.append(f"| {name} | {k} | {r[k]:.4f} | {r.get('n', r.get('n_tokens', ''))} | {r.get('seconds', 0):.1f} |")
+    for name, g in result.get("groups", {}).items():  # e.g. the battery: unweighted mean over its tasks
+        for k in ("acc", "acc_norm"):
+            if k in g:
+                rows.append(f"| {name} (mean) | {k} | {g[k]:.4f} | {g['n']} | |")
     return "\n".join(rows)
 
 
@@ -174,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a HF directory, a .gguf file or a hub id")
     e.add_argument("--adapter", help="PEFT adapter directory")
-    e.add_argument("--tasks", help="comma list: sciq,piqa,medmcqa,wikitext,text:FILE,mcq:FILE")
+    e.add_argument("--tasks", help="comma list: sciq,piqa,medmcqa,wikitext,c4, battery (= arc_challenge,boolq,commonsense_qa,"
+                   "siqa,copa,winogrande), text:FILE, mcq:FILE")
     e.add_argument("--limit", type=int, help="first N items of each MCQ task")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--scale", type=float, help="WiSE-FT: evaluate the adapter's ΔW scaled by this α in [0, 1]")

@@ -9,8 +9,15 @@ from pathlib import Path
 
 from .assets import AssetError
 from .config import EvalConfig, ModelConfig
-from .data import get_task
+from .data.tasks import TASK_GROUPS, expand_tasks, get_task, group_results
 from .files import write_json
+
+
+def expand_limits(limits: dict[str, int]) -> dict[str, int]:
+    """Items per task, a group's limit applying to each of its tasks (a task's own entry wins)."""
+    out = {t: int(n) for g, n in limits.items() if g in TASK_GROUPS for t in TASK_GROUPS[g]}
+    out.update({t: int(n) for t, n in limits.items() if t not in TASK_GROUPS})
+    return out
 
 
 def evaluate_checkpoint(model: ModelConfig | str, adapter: str | Path | None, tasks: list[str],
@@ -19,13 +26,15 @@ def evaluate_checkpoint(model: ModelConfig | str, adapter: str | Path | None, ta
     """Evaluate base model `model` (+ `adapter`) on `tasks`; returns evaluate()'s result plus what was run.
 
     `method`: a Method whose `evaluation(model)` context wraps the evaluation (None: as trained).
-    `limits`: items per MCQ task name, overriding cfg.limit for those tasks.
+    `tasks` may name groups (`battery`): each stands for its tasks, and the result gains "groups" with their
+    mean accuracy. `limits`: items per MCQ task (or group) name, over cfg.task_limits and cfg.limit.
     With cfg.kl, text tasks also report KL(p_base ‖ p_model) (0 without an adapter, not computed)."""
     from .evaluate import evaluate
     from .model import load_adapter, load_model
 
     cfg = cfg or EvalConfig()
-    resolved = [get_task(t) for t in tasks]
+    limits = {**expand_limits(cfg.task_limits), **expand_limits(limits or {})}
+    resolved = [get_task(t) for t in expand_tasks(tasks)]
     for t in resolved:  # read each file now: a bad line fails before minutes of model loading
         t.eval_items(1) if t.kind == "mcq" else t.eval_texts()
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
@@ -39,10 +48,13 @@ def evaluate_checkpoint(model: ModelConfig | str, adapter: str | Path | None, ta
     res: dict = {"tasks": {}}
     with ctx:
         for task in resolved:  # one call per task: each MCQ task may have its own item limit
-            limit = (limits or {}).get(task.name, cfg.limit)
+            limit = limits.get(task.name, cfg.limit)
             r = evaluate(m, tok, [task], limit=limit, batch_size=cfg.batch_size, ppl_window=cfg.ppl_window,
                          ppl_max_tokens=cfg.ppl_max_tokens, kl_reference="base" if cfg.kl and adapter else None)
             res["tasks"].update(r["tasks"])
+    groups = group_results(res["tasks"])
+    if groups:
+        res["groups"] = groups
     res.update(model=model.name if isinstance(model, ModelConfig) else model, adapter=str(adapter) if adapter else None,
                load_seconds=load_s)
     if out:

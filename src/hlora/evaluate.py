@@ -44,7 +44,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.base import MCQItem
+from .data.base import MCQItem, PartialItem
 from .util import eval_mode, model_device
 
 # Batching of the shared-context path. A context pass holds `batch_size` contexts, or more while it
@@ -458,20 +458,22 @@ def _stderr(xs: Sequence[float]) -> float:
 
 
 def evaluate_mcq(
-    model, tokenizer, items: Sequence[MCQItem], batch_size: int = 8, progress: bool = True,
+    model, tokenizer, items: Sequence[MCQItem | PartialItem], batch_size: int = 8, progress: bool = True,
     max_length: int | None = None,
 ) -> dict:
-    """acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character of the choice)."""
+    """acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character of the choice).
+    A `PartialItem` scores its one continuation after each context (lm-eval's partial scoring)."""
     requests, spans = [], []
     for it in items:
-        spans.append((len(requests), len(it.choices)))
-        requests.extend((it.context, it.delimiter + ch) for ch in it.choices)
+        reqs = it.requests()  # one per option: (context, " " + choice), or for partial scoring (context_i, " " + rest)
+        spans.append((len(requests), len(reqs)))
+        requests.extend(reqs)
     res = loglikelihood(model, tokenizer, requests, batch_size=batch_size, max_length=max_length, progress=progress)
     per = {"id": [], "acc": [], "acc_norm": [], "ll": [], "ll_gold": [], "pred": [], "pred_norm": [], "gold": []}
     for it, (s, n) in zip(items, spans):
         lls = [res[s + j][0] for j in range(n)]
         # lm-eval divides by len(choice) in characters; an empty choice counts as 1 (not a division by 0)
-        normed = [ll / max(len(ch), 1) for ll, ch in zip(lls, it.choices)]
+        normed = [ll / k for ll, k in zip(lls, it.norm_lengths())]
         pred, pred_norm = _argmax(lls), _argmax(normed)
         per["id"].append(it.id)
         per["gold"].append(it.gold)
@@ -670,13 +672,15 @@ def evaluate(
     `.eval_texts()`, `.describe()`). `limit` caps MCQ items; `ppl_max_tokens` caps text tasks;
     `kl_reference` (None, an nn.Module or "base") adds `kl` to text tasks (see `perplexity`).
 
-    Returns {"tasks": {name: {metrics..., "per_item", "seconds", "n", "data"}}}."""
+    Returns {"tasks": {name: {metrics..., "per_item", "seconds", "n", "data"}}, "groups": {...}}; "groups"
+    (only when every task of a group, e.g. the battery, was evaluated) holds their mean accuracy."""
     results: dict[str, dict] = {}
     for task in tasks:
         t0 = time.perf_counter()
         if task.kind == "mcq":
             items = task.eval_items(limit)
             r = evaluate_mcq(model, tokenizer, items, batch_size=batch_size, progress=progress)
+            r["metrics"] = list(getattr(task, "metrics", ("acc", "acc_norm")))
         elif task.kind == "text":
             r = perplexity(
                 model, tokenizer, task.eval_texts(), window=ppl_window, batch_size=batch_size,
@@ -688,4 +692,7 @@ def evaluate(
         r["seconds"] = time.perf_counter() - t0
         r["data"] = task.describe()
         results[task.name] = r
-    return {"tasks": results}
+    from .data.tasks import group_results
+
+    groups = group_results(results)
+    return {"tasks": results, **({"groups": groups} if groups else {})}
