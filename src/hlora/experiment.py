@@ -97,7 +97,10 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     transfer: str = "none"  # evaluate on the other tasks too (cross-task retention): none | main (cells) | all
     general_data: str = "wikitext"  # stage ν's text: the general pool of every method
-    general_eval: str = "wikitext"  # held-out general text (perplexity, KL to the base model)
+    general_eval: str = "wikitext"  # held-out general text: the record's general_ppl / general_kl
+    texts: list[str] = field(default_factory=list)  # more general text recorded beside it (e.g. stage ν's own)
+    battery: list[str] = field(default_factory=list)  # zero-shot tasks (or groups) no row tunes on: general ability
+    battery_limit: int = 0  # items per battery task; 0 = eval.limit
     data_root: str = ""  # "" = default data search; "embedded" = the subset shipped in the package
     full_fisher_examples: int = 2  # samples timed for the full-model Fisher cost estimate
     out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
@@ -112,20 +115,35 @@ class Cell:
     method: MethodConfig
     point: Any = None  # the swept field's value (None: the row has no front)
     main: bool = True  # the row's own setting (only main cells enter the fixed tables)
+    param: str = ""  # the swept field: the row's `sweep`, or "lr" (stage μ's learning rate)
+    lr: float | None = None  # stage μ's lr when it differs from domain.lr (a row option or an lr sweep)
 
     @property
     def name(self) -> str:
         safe = self.task.replace(":", "_").replace("/", "_")
-        sweep = f"-{self.row.sweep}{self.point:g}" if self.point is not None and not self.main else ""
+        sweep = f"-{self.param or self.row.sweep}{self.point:g}" if self.point is not None and not self.main else ""
         return f"{self.row.id}-{safe}-s{self.seed}{sweep}"
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
+TRAIN_FIELDS = ("lr",)  # stage-μ fields a row may set in `options` or sweep, beside its method's own
+
+
 def _row_method(cfg: ExperimentConfig, row: Row, **fields_) -> MethodConfig:
     data = {**dict(row.method), **cfg.options.get(row.id, {}), **fields_}
+    data = {k: v for k, v in data.items() if k not in TRAIN_FIELDS}
     return from_dict(MethodConfig, data, where=f"method of row {row.id!r}")
+
+
+def _row_lr(cfg: ExperimentConfig, row: Row) -> float:
+    """The row's own stage-μ learning rate: `options.<row>.lr`, else domain.lr."""
+    return float(cfg.options.get(row.id, {}).get("lr", cfg.domain.lr))
+
+
+def _domain_train(cfg: ExperimentConfig, cell: "Cell") -> TrainConfig:
+    return dataclasses.replace(cfg.domain, lr=cell.lr) if cell.lr is not None else cfg.domain
 
 
 def plan(cfg: ExperimentConfig) -> list[Cell]:
@@ -140,6 +158,7 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
                 raise ConfigError(f"unknown method {m!r} in options/sweeps{did_you_mean(m, ROWS)}")
     if not cfg.tasks or not cfg.seeds:
         raise ConfigError("tasks and seeds must not be empty")
+    _battery_tasks(cfg)  # a battery task that is also tuned: fail before any training
     for t in cfg.per_task:
         if t not in cfg.tasks:
             raise ConfigError(f"per_task: {t!r} is not one of the tasks {cfg.tasks}")
@@ -154,14 +173,23 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
 
 def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
     main = _row_method(cfg, row)
-    unknown = [k for k in sweep if k != row.sweep]
+    own_lr = _row_lr(cfg, row)
+    lr = own_lr if own_lr != cfg.domain.lr else None
+    unknown = [k for k in sweep if k not in (row.sweep, *TRAIN_FIELDS) or not k]
     if unknown:
-        raise ConfigError(f"sweeps.{row.id}: row {row.id!r} sweeps {row.sweep or 'nothing'!r}, not {unknown[0]!r}")
+        raise ConfigError(f"sweeps.{row.id}: row {row.id!r} sweeps {row.sweep or 'nothing'!r} (or lr), "
+                          f"not {unknown[0]!r}")
+    if "lr" in sweep:  # a learning-rate front: the row's main setting at several stage-μ lrs
+        if row.start in ("none", "nu_adapter") or row.start in ROWS:
+            raise ConfigError(f"sweeps.{row.id}: row {row.id!r} trains nothing itself; it has no lr to sweep")
+        values = sorted({float(v) for v in sweep["lr"]} | {own_lr})
+        return [Cell(row, task, seed, main, v, v == own_lr, "lr", v if v != cfg.domain.lr else None) for v in values]
     if not row.sweep:
-        return [Cell(row, task, seed, main)]
+        return [Cell(row, task, seed, main, lr=lr)]
     own = getattr(main, row.sweep)
     values = sorted({float(v) for v in sweep.get(row.sweep, [])} | {float(own)})
-    return [Cell(row, task, seed, _row_method(cfg, row, **{row.sweep: v}), v, v == float(own)) for v in values]
+    return [Cell(row, task, seed, _row_method(cfg, row, **{row.sweep: v}), v, v == float(own), row.sweep, lr)
+            for v in values]
 
 
 # ----------------------------------------------------------------------------- running one cell
@@ -195,7 +223,10 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         return None, {"train_seconds": 0.0, "cost": {"steps": 0, "domain_tokens": 0, "general_tokens": 0,
                                                      "extra_forward_tokens": 0, "train_seconds": 0.0}}
     if row.start in ROWS:  # evaluate another row's trained adapter (its main cell)
-        src = Cell(ROWS[row.start], cell.task, cell.seed, _row_method(cfg, ROWS[row.start]))
+        src_row = ROWS[row.start]
+        src_lr = _row_lr(cfg, src_row)
+        src = Cell(src_row, cell.task, cell.seed, _row_method(cfg, src_row),
+                   lr=src_lr if src_lr != cfg.domain.lr else None)
         adapter, info = _trained(cfg, src)
         return adapter, {**info, "source": src.name}
     extra: dict = {}
@@ -215,7 +246,7 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         nu_cost = nu_sum["costs"] | {"train_seconds": nu_sum["train_seconds"], "steps": nu_sum["steps"]}
         extra.update({k: nu_sum[k] for k in ("importance_seconds", "importance_bytes") if k in nu_sum},
                      importance_kind="si", layer_norms=_layer_norms(Path(importance)))
-    rc = _stage_config(cfg, cfg.domain, cell.seed, cell.method, data=cell.task, init_adapter=init,
+    rc = _stage_config(cfg, _domain_train(cfg, cell), cell.seed, cell.method, data=cell.task, init_adapter=init,
                        importance_file=importance)
     rc = apply_overrides(rc, [f"lora.{o}" for o in row.lora])
     rc.out = str(Path(cfg.out) / "runs" / _run_name(rc))
@@ -231,7 +262,7 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         if k in s:
             extra[k] = s[k]
     return run / "adapter", {**extra, "train_seconds": s["train_seconds"], "cost": cost, "curve": _curve(run),
-                             "config": dataclasses.asdict(rc)}
+                             "config": dataclasses.asdict(rc), "lr": rc.train.lr}
 
 
 # Bumped when evaluate.py changes what it computes: cached evaluations of an older evaluator are not reused.
@@ -291,6 +322,16 @@ def _transfer_tasks(cfg: ExperimentConfig, cell: Cell) -> list[str]:
     return [t for t in cfg.tasks if t != cell.task] if wanted else []
 
 
+def _battery_tasks(cfg: ExperimentConfig) -> list[str]:
+    from .data.tasks import expand_tasks
+
+    battery = expand_tasks(cfg.battery)
+    tuned = [t for t in battery if t in cfg.tasks]
+    if tuned:
+        raise ConfigError(f"battery: {tuned[0]!r} is also a tuned task; the battery measures what no row tunes on")
+    return battery
+
+
 def _adapter_id(cfg: ExperimentConfig, adapter: Path | None) -> str | None:
     """The adapter's place in the work directory (seed0/general/adapter, runs/<name>/adapter): its run
     directory's name alone is "general" for the ν adapter of every seed, which once let seed 1's LoRA(ν)
@@ -312,7 +353,9 @@ def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
 
     others = _transfer_tasks(cfg, cell)
     limits = {t: cfg.eval.transfer_limit for t in others if cfg.eval.transfer_limit}
-    tasks = [cell.task, *others, cfg.general_eval]
+    battery = _battery_tasks(cfg)
+    limits.update({t: cfg.battery_limit for t in battery if cfg.battery_limit})
+    tasks = [cell.task, *others, cfg.general_eval, *[t for t in cfg.texts if t != cfg.general_eval], *battery]
     method = build_method(cell.method, StageContext(stage="domain")) if adapter is not None else None
     # Same adapter, same evaluation: computed once (the "-layer,element" ablation is LoRA(ν+μ)). The method
     # enters the key only if it changes evaluation (WiSE-FT's α).
@@ -354,6 +397,13 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
            "row": dataclasses.asdict(cell.row), "method": _canonical(cell.method), "task": cell.task, "seed": cell.seed,
            "transfer": _transfer_tasks(cfg, cell),
            "general_data": cfg.general_data, "general_eval": cfg.general_eval}
+    # Fields added later enter the key only when set, so that the records of older grids keep their hash.
+    if cell.lr is not None:
+        key["domain"] = _canonical(dataclasses.replace(_domain_train(cfg, cell), **quiet))
+    if cfg.texts:
+        key["texts"] = list(cfg.texts)
+    if cfg.battery:
+        key["battery"], key["battery_limit"] = _battery_tasks(cfg), cfg.battery_limit
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -375,13 +425,16 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     rec = {
         "cell": cell.name, "method": cell.row.id, "label": cell.row.label, "regularizer": cell.method.name,
         "task": cell.task, "seed": cell.seed, "main": cell.main,
-        "sweep": {"param": cell.row.sweep, "value": cell.point} if cell.point is not None else None,
+        "sweep": {"param": cell.param or cell.row.sweep, "value": cell.point} if cell.point is not None else None,
+        "lr": info.pop("lr", None),
         "general_ppl": g_res["token_ppl"], "general_word_ppl": g_res["word_ppl"], "general_bpb": g_res["bits_per_byte"],
         "general_kl": g_res.get("kl", 0.0 if adapter is None else None),
         "acc": t_res["acc"], "acc_norm": t_res["acc_norm"],
-        "per_item": {k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold") if k in t_res["per_item"]},
-        "transfer": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"]}
-                     for t, r in ev.items() if t not in (cell.task, cfg.general_eval)},
+        "per_item": {k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold", "pred", "gold")
+                     if k in t_res["per_item"]},
+        "transfer": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "pred": r["per_item"]["pred"],
+                         "gold": r["per_item"]["gold"]}
+                     for t, r in ev.items() if t in _transfer_tasks(cfg, cell)},
         "cost": cost, "train_seconds": info.pop("train_seconds"),
         "importance_seconds": None, "importance_bytes": None, "importance_kind": None,
         "full_fisher_bytes": None, "full_fisher_seconds": None, "curve": None, "layer_norms": None,
@@ -396,8 +449,38 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     if rec["importance_kind"] == "fisher":  # next to a Fisher: what one of the whole model would cost
         ff = _full_fisher(cfg)
         rec.update(full_fisher_bytes=ff["full_bytes"], full_fisher_seconds=ff["full_seconds"])
+    rec.update(_general_measures(cfg, ev, adapter))
     write_json(path, rec)
     return rec
+
+
+RECORD_VERSION = 2  # 2: general_eval, texts and battery (records without record_version are 1)
+
+
+def _general_measures(cfg: ExperimentConfig, ev: dict, adapter) -> dict:
+    """What a record says about general ability beyond general_ppl / general_kl: every general text by name
+    (perplexity, bits per byte, KL to the base) and the battery (mean accuracy, per task, per item)."""
+    from .data.tasks import group_results
+
+    texts = {}
+    for t in dict.fromkeys([cfg.general_eval, *cfg.texts]):
+        r = ev[t]
+        texts[t] = {"ppl": r["token_ppl"], "word_ppl": r["word_ppl"], "bpb": r["bits_per_byte"],
+                    "kl": r.get("kl", 0.0 if adapter is None else None), "n_tokens": r["n_tokens"],
+                    "stage_nu_text": t == cfg.general_data}
+    out: dict = {"record_version": RECORD_VERSION, "general_eval": cfg.general_eval, "texts": texts}
+    names = _battery_tasks(cfg)
+    if names:
+        res = {t: ev[t] for t in names}
+        groups = group_results(res)
+        mean = sum(r["acc"] for r in res.values()) / len(res)
+        out["battery"] = {
+            "acc": mean, "acc_stderr": (groups.get("battery") or {}).get("acc_stderr"),
+            "tasks": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "metrics": r.get("metrics")}
+                      for t, r in res.items()},
+            "per_item": {t: r["per_item"]["acc"] for t, r in res.items()},
+        }
+    return out
 
 
 def _git_commit() -> str:
