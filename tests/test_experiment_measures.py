@@ -67,6 +67,7 @@ def test_cells_record_texts_battery_predictions_and_lr(tmp_path, data_root):
         assert b["acc"] == pytest.approx(sum(t["acc"] for t in b["tasks"].values()) / 6)
         assert all(len(v) == 2 for v in b["per_item"].values())
         assert len(r["per_item"]["pred"]) == 3 and len(r["per_item"]["gold"]) == 3
+        assert [len(x) for x in r["per_item"]["ll"]] == [4, 4, 4]  # every choice's log-likelihood (SciQ: 4)
     assert base["texts"]["c4"]["kl"] == 0.0 and lm["texts"]["c4"]["kl"] > 0
 
 

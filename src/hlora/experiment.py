@@ -430,10 +430,10 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
         "general_ppl": g_res["token_ppl"], "general_word_ppl": g_res["word_ppl"], "general_bpb": g_res["bits_per_byte"],
         "general_kl": g_res.get("kl", 0.0 if adapter is None else None),
         "acc": t_res["acc"], "acc_norm": t_res["acc_norm"],
-        "per_item": {k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold", "pred", "gold")
+        "per_item": {k: t_res["per_item"][k] for k in ("acc", "acc_norm", "ll_gold", "pred", "gold", "ll")
                      if k in t_res["per_item"]},
         "transfer": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "pred": r["per_item"]["pred"],
-                         "gold": r["per_item"]["gold"]}
+                         "gold": r["per_item"]["gold"], "ll": r["per_item"]["ll"]}
                      for t, r in ev.items() if t in _transfer_tasks(cfg, cell)},
         "cost": cost, "train_seconds": info.pop("train_seconds"),
         "importance_seconds": None, "importance_bytes": None, "importance_kind": None,
