@@ -1,0 +1,21 @@
+"""The lr-picking rule of benchmarks/pick_lr.py: within one s.e. of the best validation accuracy, lowest KL."""
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("pick_lr", Path(__file__).resolve().parents[1] / "benchmarks" / "pick_lr.py")
+pick_lr = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pick_lr)
+
+
+def rec(method, lr, acc, kl, n=100):
+    return {"method": method, "lr": lr, "acc": acc, "general_kl": kl, "per_item": {"acc": [0] * n}}
+
+
+def test_picks_lowest_kl_within_one_standard_error_of_the_best():
+    recs = [rec("a", 1e-4, 0.80, 0.01), rec("a", 3e-4, 0.86, 0.05), rec("a", 1e-3, 0.88, 0.20),  # s.e. 4.6 pts
+            rec("b", 1e-4, 0.60, 0.01), rec("b", 1e-3, 0.90, 0.30),  # far apart: the best wins
+            rec("c", 1e-3, 0.9, 0.1), {"method": "base", "lr": None, "acc": 0.7}]
+    picks = pick_lr.pick(recs)
+    assert picks["a"]["lr"] == 3e-4 and picks["b"]["lr"] == 1e-3
+    assert "c" not in picks and "base" not in picks  # one lr: nothing to pick
+    assert abs(picks["a"]["se"] - (2 * 0.88 * 0.12 / 100) ** 0.5) < 1e-12
