@@ -113,6 +113,7 @@ def test_public_names_importable():
     assert all(callable(x) for x in (HLoRACallback, HLoRAPenalty, Importance, SIRecorder))
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports_ratios(tmp_path, embedded_data, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", "tiny-llama", "--steps", "4", "--rounds", "2", "--no-lmeval",

@@ -101,6 +101,7 @@ def _no_work(monkeypatch):
     return calls
 
 
+@pytest.mark.slow  # a second `hlora run` of the grid (writes the report again)
 def test_resume_recomputes_nothing_finished(tiny_run, monkeypatch):
     """A second `hlora run` over a finished grid trains and evaluates nothing."""
     calls = _no_work(monkeypatch)
@@ -108,6 +109,7 @@ def test_resume_recomputes_nothing_finished(tiny_run, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.slow  # two more `hlora run`s of the grid
 def test_committed_records_alone_resume_the_grid(tiny_run, tmp_path, monkeypatch):
     """On a fresh machine the repository holds only the records: a new work directory finds them done."""
     import shutil

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-pytestmark = pytest.mark.smoke
+pytestmark = [pytest.mark.smoke, pytest.mark.slow]
 
 
 def test_smollm2_loads_scores_and_trains(embedded_data):

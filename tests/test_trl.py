@@ -5,6 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl")  # the test extras install it; a bare install of hlora does not need it
+pytestmark = pytest.mark.slow  # TRL imports datasets and its trainers: the slow tier
 
 from datasets import Dataset  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
