@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How the dual update of a method's coefficient behaves for several step sizes η and update intervals K.
 
-    python benchmarks/dual_study.py --model tiny-llama --method kl_general --steps 120 --budget 0.02 \
-        --eta 0.1,0.5,2 --every 1,5,10 [key=value ...]
+    python benchmarks/dual_study.py --model tiny-llama --method kl_general --steps 120 --budget 0.005 \
+        --eta 0.1,0.5,2 --every 5 [--kp 0.5] [--kd 2] [--json FILE] [key=value ...]
 
 Each (η, K) is one stage-μ run on the embedded SciQ subset with the coefficient steered toward the budget on
 the KL / perplexity rise of a fixed batch of the embedded WikiText-2 test text (a general slice no stage trains
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eta", default="0,0.1,0.5,2")
     ap.add_argument("--every", default="5")
     ap.add_argument("--kp", type=float, default=0.0)
+    ap.add_argument("--kd", type=float, default=0.0)
     ap.add_argument("--start", type=float, default=0.0, help="starting coefficient (0 = the method's default)")
     ap.add_argument("--json", help="write the traces and summaries here")
     ap.add_argument("overrides", nargs="*")
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
                 if eta == 0 and every != int(args.every.split(",")[0]):
                     continue  # the unsteered run once
                 cfg = load_config(RunConfig, None, base + args.overrides + [f"out={tmp}/k{every}-eta{eta}"])
-                dcfg = DualConfig(every=every, eta=max(eta, 1e-12), kp=args.kp, proxy_tokens=512, start=args.start)
+                dcfg = DualConfig(every=every, eta=max(eta, 1e-12), kp=args.kp, kd=args.kd, proxy_tokens=512,
+                                  start=args.start)
                 ctrl = DualController(TextProxy(args.kind, val.texts, 512, 64), args.budget, dcfg)
                 t0 = time.perf_counter()
                 run_stage(cfg, "domain", extra_callbacks=[ctrl])

@@ -131,6 +131,8 @@ def test_budget_below_the_noise_of_the_validation_slice_is_an_error():
         search_alpha(measure, b)
     res = search_alpha(measure, b, AlphaSearchConfig(min_snr=0))  # the check can be switched off
     assert res.chosen.alpha == 1.0
+    measure, _ = curve(lambda a: -5 * b * a, se=lambda a: b)  # noisy, but far inside the budget: resolved
+    assert search_alpha(measure, b).chosen.alpha == 1.0
 
 
 # ----------------------------------------------------------------------------- the dual update
@@ -237,22 +239,15 @@ def test_replay_lays_out_steps_lazily_like_mix_order():
 def test_alpha_search_finds_a_planted_budget_on_a_tiny_model(tmp_path, data):
     from hlora.budget.measure import domain_slices
     from hlora.budget.tune import _scaled_adapter
-    from hlora.config import LoraConfig
-    from hlora.model import attach_lora, load_adapter, load_model
+    from hlora.model import load_adapter, load_model
 
-    base, tok, _ = load_model("tiny-llama")
-    model = attach_lora(base, LoraConfig(r=4, alpha=16, dropout=0.0))
-    torch.manual_seed(0)
-    with torch.no_grad():  # a "trained" adapter: ΔW ≠ 0
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    sl = SliceConfig(general_val_tokens=768, general_test_tokens=256, domain_val_items=20)
+    model, tok = _random_adapter()
+    sl = SliceConfig(general_val_tokens=512, general_test_tokens=128, domain_val_items=12)
     val, _ = text_slices(f"text:{data}/general.jsonl", tok, sl)
     dom_val, _ = domain_slices(f"mcq:{data}/domain.jsonl", sl)
     b = Budget(task=f"text:{data}/general.jsonl", kind="kl", limit=1.0)
     m = Measurer(b, val, dom_val, tok).attach(model)
-    dense = {a: m.measure(a).forgetting for a in (0.2, 0.4, 0.55, 0.6, 0.65, 0.8, 1.0)}
+    dense = {a: m.measure(a).forgetting for a in (0.3, 0.55, 0.6, 0.65, 1.0)}
     assert all(dense[x] < dense[y] for x, y in zip(sorted(dense), sorted(dense)[1:]))  # KL grows with α here
     b.limit = dense[0.6]  # plant the optimum at α = 0.6
     res = search_alpha(m, b.limit, AlphaSearchConfig(grid=4, refine=4))
@@ -270,6 +265,57 @@ def test_alpha_search_finds_a_planted_budget_on_a_tiny_model(tmp_path, data):
     loaded = load_adapter(load_model("tiny-llama")[0], tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+
+
+def _random_adapter():
+    from hlora.config import LoraConfig
+    from hlora.model import attach_lora, load_model
+
+    base, tok, _ = load_model("tiny-llama")
+    model = attach_lora(base, LoraConfig(r=4, alpha=16, dropout=0.0))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a "trained" adapter: ΔW ≠ 0
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model, tok
+
+
+def test_perplexity_rise_and_accuracy_drop_measures_on_a_tiny_model(data):
+    from hlora.budget.dual import MCQProxy, TextProxy
+    from hlora.budget.measure import mcq_slices
+
+    model, tok = _random_adapter()
+    sl = SliceConfig(general_val_tokens=256, general_test_tokens=64, mcq_val_items=20, mcq_test_items=20)
+    val, test = text_slices(f"text:{data}/general.jsonl", tok, sl)
+    assert not set(val.texts) & set(test.texts)
+    m = Measurer(Budget(f"text:{data}/general.jsonl", "ppl_rise_pct", 1.0), val, None, tok).attach(model)
+    assert m.measure(0.0).forgetting == 0.0
+    p = m.measure(1.0)
+    assert p.forgetting == pytest.approx(100 * (p.detail["token_ppl"] / p.detail["base_token_ppl"] - 1), rel=1e-6)
+    assert p.se > 0 and math.isnan(p.domain_acc)
+    mval, mtest = mcq_slices(f"mcq:{data}/domain.jsonl", sl)
+    assert len(mval[0].items) == 20 and len(mtest[0].items) == 20
+    m = Measurer(Budget(f"mcq:{data}/domain.jsonl", "drop_pts", 5.0), mval, None, tok).attach(model)
+    p = m.measure(1.0)
+    d = p.detail[f"mcq:{data}/domain.jsonl"]
+    assert p.forgetting == pytest.approx(100 * (d["base_acc"] - d["acc"]))
+    proxy = MCQProxy(mval[0].items)  # the training-time proxies read the same quantities
+    proxy.prepare(model, tok)
+    assert proxy.measure(model) == pytest.approx(p.forgetting)
+    proxy = TextProxy("ppl_rise_pct", val.texts, 128, 32)
+    proxy.prepare(model, tok)
+    assert math.isfinite(proxy.measure(model)) and proxy.measure(model) != 0.0
+
+
+def test_domain_validation_comes_from_another_split(embedded_data):
+    from hlora.budget.measure import domain_slices
+
+    val, test = domain_slices("sciq", SliceConfig(domain_val_items=30))
+    assert val.info["task"] == "sciq:validation" and len(val.items) == 30
+    assert not {it.context for it in val.items} & {it.context for it in test.items}
+    val, test = domain_slices("piqa", SliceConfig(domain_val_items=30))  # no validation split: its last items
+    assert len(val.items) == 30 and not {it.context for it in val.items} & {it.context for it in test.items}
 
 
 # ----------------------------------------------------------------------------- hlora tune end to end

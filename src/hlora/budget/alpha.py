@@ -14,8 +14,8 @@ finds it. Every evaluated α is recorded with its forgetting, standard error, do
 
 Unresolvable budgets are never a silent miss: if only α < alpha_min meets it (the base model, in effect), or
 the budget is smaller than `min_snr` standard errors of the measure at the chosen α (the validation slice cannot
-tell it from the noise), `on_unresolvable="error"` raises BudgetError and `"nearest"` returns the nearest
-model (the largest feasible α found) with a warning in the result.
+tell it from the noise, and the chosen model is not clearly inside it either), `on_unresolvable="error"` raises
+BudgetError and `"nearest"` returns the nearest model (the largest feasible α found) with a warning in the result.
 """
 from __future__ import annotations
 
@@ -137,7 +137,9 @@ def unresolved(res: AlphaResult, cfg: AlphaSearchConfig, what: str = "forgetting
         seen = f" (α = {above.alpha:.3g} measured {above.forgetting:.4g} ± {above.se:.2g})" if above else ""
         return (f"only α = {c.alpha:.3g} < search.alpha_min = {cfg.alpha_min:g}, in effect the base model, meets the "
                 f"budget {what} <= {limit:g}{seen}: raise the budget or train with a stronger regulariser")
-    if cfg.min_snr > 0 and not (c.se * cfg.min_snr <= limit):
+    # Below the noise: the budget is smaller than min_snr standard errors, and the chosen model is not clearly
+    # inside it either (a model far under the budget, e.g. at α = 1, is within it whatever the noise).
+    if cfg.min_snr > 0 and not (c.se * cfg.min_snr <= limit) and not (c.forgetting + c.se * cfg.min_snr <= limit):
         return (f"the budget {what} <= {limit:g} is below the measurement noise of the validation slice: at the chosen "
                 f"α = {c.alpha:.3g} the measure is {c.forgetting:.4g} ± {c.se:.2g} (standard error), and the budget must "
                 f"be at least search.min_snr = {cfg.min_snr:g} standard errors: use a larger validation slice "

@@ -14,7 +14,8 @@ Slices (never the reported test items):
   tokens (what `hlora eval` with `eval.ppl_max_tokens` measures); the validation slice is documents from the end,
   with long documents cut at line breaks into pieces (so that the noise of the measure can be estimated per piece),
   whole pieces until `general_val_tokens` and at least 8 pieces; the two never share a document.
-- MCQ measure tasks: test = the first `mcq_test_items` items, validation = the last `mcq_val_items` (disjoint).
+- MCQ measure tasks: test = the first `mcq_test_items` items, validation = the last `mcq_val_items`, at most half
+  of the task (disjoint: COPA's 100 items give 50 and 50).
 - the domain task: validation = `<task>:validation` where the task has that split (SciQ), else the last
   `domain_val_items` of its held-out items; test = the held-out split without those.
 
@@ -202,13 +203,12 @@ def mcq_slices(task_name: str, cfg: SliceConfig) -> tuple[list[SliceTask], list[
         if task.kind != "mcq":
             raise ConfigError(f"budget.task: {name!r} is a {task.kind} task; drop_pts needs multiple-choice tasks")
         items = task.eval_items()
-        nt = min(cfg.mcq_test_items, len(items)) if cfg.mcq_test_items else len(items) // 2
-        rest = items[nt:]
-        nv = min(cfg.mcq_val_items, len(rest)) if cfg.mcq_val_items else len(rest)
-        if nv < 2:
-            raise ConfigError(f"slices: MCQ task {name!r} has {len(items)} items: none left for validation after "
-                              f"{nt} test items (lower slices.mcq_test_items)")
-        val.append(SliceTask(name, "mcq", items=rest[len(rest) - nv:],
+        # validation from the end, at most half of a small task (COPA has 100 items); test from the start
+        nv = min(cfg.mcq_val_items or len(items) // 2, len(items) // 2)
+        nt = min(cfg.mcq_test_items or len(items), len(items) - nv)
+        if nv < 2 or nt < 1:
+            raise ConfigError(f"slices: MCQ task {name!r} has {len(items)} items, too few for validation and test")
+        val.append(SliceTask(name, "mcq", items=items[len(items) - nv:],
                              info={"task": name, "slice": "validation", "items": f"last {nv} of {len(items)}"}))
         test.append(SliceTask(name, "mcq", items=items[:nt],
                               info={"task": name, "slice": "test", "items": f"first {nt} of {len(items)}"}))

@@ -179,7 +179,12 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         rec["run"] = str(run)
         rec["train"] = {"steps": steps, "train_seconds": train_s, "reused": reused}
         if steered:
-            rec["dual"] = ctrl.summary() if not reused else {"trace": _read_trace(run), "reused": True}
+            if reused:  # the controller ran in an earlier call: its trace is in the run directory
+                trace = _read_trace(run)
+                rec["dual"] = {"coefficient": trace[0]["coefficient"] if trace else "",
+                               "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True}
+            else:
+                rec["dual"] = ctrl.summary()
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
         model = load_adapter(load_model(cfg.model)[0], run / "adapter")
         measurer.attach(model)
