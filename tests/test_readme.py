@@ -17,6 +17,7 @@ def test_readme_dropin_example_runs(tmp_path, monkeypatch):
 
 
 FRONTS = README.parent / "results" / "fronts-smollm2"
+RESULTS_README = README.parent / "results" / "README.md"
 
 
 def _table_blocks(text: str) -> list[str]:
@@ -33,7 +34,8 @@ def _table_blocks(text: str) -> list[str]:
 
 def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path):
     """The acceptance of the fronts issue: results.json holds every committed record, `hlora report` on it
-    rewrites the committed tables.md byte for byte, and every table of the README's fronts section is in it."""
+    rewrites the committed tables.md byte for byte, every table of the fronts section of results/README.md is in
+    it, and so is every row of the README's headline table."""
     import json
 
     from hlora.report import write_report
@@ -44,9 +46,16 @@ def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path):
     write_report(FRONTS / "results.json", tmp_path)
     tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert tables == (FRONTS / "report" / "tables.md").read_text(encoding="utf-8")
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("### Does HLoRA forget less"):text.index("### `hlora demo`")]
+    text = RESULTS_README.read_text(encoding="utf-8")
+    section = text[text.index("## Does HLoRA forget less"):text.index("## `hlora demo`")]
     blocks = _table_blocks(section)
-    assert blocks, "the README's fronts section has no table"
+    assert blocks, "the fronts section of results/README.md has no table"
     for block in blocks:
-        assert block in tables, f"README table not in the regenerated tables.md:\n{block[:300]}"
+        assert block in tables, f"results/README.md table not in the regenerated tables.md:\n{block[:300]}"
+    # The README's headline table is a selection of rows of the same report table.
+    text = README.read_text(encoding="utf-8")
+    headline = _table_blocks(text[text.index("## Does HLoRA forget less"):text.index("## Where the rest lives")])
+    assert len(headline) == 1 and len(headline[0].splitlines()) <= 14
+    lines = set(tables.splitlines())
+    for line in headline[0].splitlines():
+        assert line in lines, f"README headline row not in the regenerated tables.md: {line[:200]}"
