@@ -86,3 +86,16 @@ def test_committed_records_keep_their_settings_hash():
     for cell in cells:
         rec = json.loads((records / f"{cell.name}.json").read_text())
         assert rec["settings_hash"] == settings_hash(cfg, cell), cell.name
+
+
+def test_demo_config_plans_on_the_embedded_data(monkeypatch):
+    """The demo runs from the package alone: its tasks and general texts (C4 held out, WikiText-2 stage ν's)
+    all resolve in the embedded subset."""
+    from hlora.data import get_task
+
+    cfg = load_config(ExperimentConfig, ROOT / "configs" / "demo.yaml")
+    assert cfg.data_root == "embedded" and cfg.general_eval == "c4" and cfg.texts == ["wikitext"]
+    assert [c.row.id for c in plan(cfg)] == cfg.methods
+    monkeypatch.setenv("HLORA_DATA", str(EMBEDDED_DATA))
+    assert len(get_task("c4").eval_texts()) == 16
+    assert get_task("wikitext").eval_texts() and get_task("sciq").eval_items(cfg.eval.limit)

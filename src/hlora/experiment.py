@@ -571,11 +571,22 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, c
 
 
 def summary_table(results: list[dict]) -> str:
-    rows = ["| method | task | seed | general ppl | acc | acc_norm | train s |", "|---|---|---:|---:|---:|---:|---:|"]
+    """One line per cell: domain accuracy and, per general text, perplexity and KL to the base model (the text
+    stage ν trains on is marked: it favours the rows that train on it)."""
+    texts = list(dict.fromkeys(t for r in results for t in (r.get("texts") or {"general": None})))
+    nu = {t for r in results for t, v in (r.get("texts") or {}).items() if v.get("stage_nu_text")}
+    head = ["method", "task", "seed", "acc", "acc_norm"]
+    for t in texts:
+        name = f"{t} (stage ν's text)" if t in nu else t
+        head += [f"{name} ppl ↓", f"{name} KL ↓"]
+    rows = ["| " + " | ".join(head + ["train s"]) + " |", "|---|---|---:|" + "---:|" * (len(head) - 2)]
     for r in results:
         point = f" ({r['sweep']['param']}={r['sweep']['value']:g})" if r.get("sweep") else ""
-        rows.append(f"| {r['label']}{point} | {r['task']} | {r['seed']} | {r['general_ppl']:.2f} | {r['acc']:.3f} "
-                    f"| {r['acc_norm']:.3f} | {r['train_seconds']:.0f} |")
+        cells = [f"{r['label']}{point}", r["task"], str(r["seed"]), f"{r['acc']:.3f}", f"{r['acc_norm']:.3f}"]
+        for t in texts:
+            v = (r.get("texts") or {}).get(t) or {"ppl": r["general_ppl"], "kl": r.get("general_kl")}
+            cells += [f"{v['ppl']:.2f}", "—" if v.get("kl") is None else f"{v['kl']:.3f}"]
+        rows.append("| " + " | ".join(cells + [f"{r['train_seconds']:.0f}"]) + " |")
     return "\n".join(rows)
 
 

@@ -42,7 +42,7 @@ def _medmcqa(path: Path, ln: int, d: dict) -> tuple[str, list[str], int]:
     opts = [field(path, ln, d, k) for k in ("opa", "opb", "opc", "opd")]
     ctx = f"Question: {field(path, ln, d, 'question')}\nChoices:\n"
     ctx += "".join(f"{letter}. {opt}\n" for letter, opt in zip("ABCD", opts)) + "Answer:"
-    cop = field(path, ln, d, "cop", int)  # 1-based in the raw release (shared/data/PROVENANCE.md)
+    cop = field(path, ln, d, "cop", int)  # 1-based in the raw MedMCQA release (the HF copy is 0-based)
     if not 1 <= cop <= 4:
         raise DataError(f"{path}:{ln}: field 'cop' must be 1..4 (1-based), got {cop}")
     return ctx, ["A", "B", "C", "D"], cop - 1
