@@ -24,7 +24,7 @@ def data_root(tmp_path_factory):
     (root / "battery").mkdir()
     for name, rows in RECORDS.items():
         (root / "battery" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
-    (root / "c4").mkdir()
+    (root / "c4").mkdir(exist_ok=True)  # replaces the embedded C4 sample with four short pages
     (root / "c4" / "validation.jsonl").write_text(
         "".join(json.dumps({"text": f"Web page {i}: prices, opening hours and a map."}) + "\n" for i in range(4)))
     return root
