@@ -131,3 +131,56 @@ def to_old_format(rec: dict) -> dict:
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == PNG_MAGIC
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+BATTERY_TASKS = ("arc_challenge", "boolq", "commonsense_qa", "siqa", "copa", "winogrande")
+
+
+def battery_acc(rec: dict) -> float:
+    """The battery mean a synthetic v2 record gets: lower the further from Base (KL), a little per seed."""
+    return 0.55 - 2.0 * (rec.get("general_kl") or 0.0) - 0.004 * rec["seed"] ** 2 + 0.001 * len(rec["method"])
+
+
+def to_new_format(rec: dict) -> dict:
+    """The same record as the runner writes it now (record_version 2): general_* on C4, both texts by name,
+    the battery, stage μ's lr."""
+    new = dict(rec)
+    c4, wiki = 1.4 * rec["general_ppl"], rec["general_ppl"]
+    kl = rec.get("general_kl")
+    acc = battery_acc(rec)
+    new.update(
+        record_version=2, general_eval="c4", general_ppl=c4, general_word_ppl=2 * c4, general_bpb=math.log2(c4) / 4,
+        lr=None if rec["method"] == "base" else 2e-4,
+        texts={"c4": {"ppl": c4, "word_ppl": 2 * c4, "bpb": math.log2(c4) / 4, "kl": kl, "n_tokens": 4096,
+                      "stage_nu_text": False},
+               "wikitext": {"ppl": wiki, "word_ppl": 2 * wiki, "bpb": math.log2(wiki) / 4,
+                            "kl": None if kl is None else kl / 2, "n_tokens": 4096, "stage_nu_text": True}},
+        battery={"acc": acc, "acc_stderr": 0.01,
+                 "tasks": {t: {"acc": acc, "acc_norm": acc, "n": 50, "metrics": {"acc": acc}} for t in BATTERY_TASKS},
+                 "per_item": {t: [1] * int(50 * acc) + [0] * (50 - int(50 * acc)) for t in BATTERY_TASKS}},
+    )  # fmt: skip
+    return new
+
+
+# Letter analysis by hand (MedMCQA, letters A–D): 8 items, gold A A A B B C C D. Each model's log-likelihoods
+# are -2 everywhere, +1 on the letter it "knows" (SIGNAL) and + its letter prior (PRIOR, on every item).
+LETTER_GOLD = [0, 0, 0, 1, 1, 2, 2, 3]
+LETTER_SIGNAL = [0, 0, 1, 1, 1, 2, 3, 3]  # right on 6 of 8 items (wrong on items 3 and 7)
+LETTER_WRONG = [1, 2, 3, 0, 2, 3, 0, 1]  # right on none
+
+
+def letter_ll(signal: list[int], prior: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)) -> list[list[float]]:
+    return [[-2.0 + prior[j] + (1.0 if j == s else 0.0) for j in range(4)] for s in signal]
+
+
+def letter_cell(method: str, signal: list[int], prior=(0.0, 0.0, 0.0, 0.0), task="medmcqa", seed=0, **kw) -> dict:
+    """A cell tuned on `task` whose MedMCQA items (its own, or its transfer entry) come from signal and prior."""
+    ll = letter_ll(signal, prior)
+    pred = [max(range(4), key=lambda j: x[j]) for x in ll]
+    acc = sum(p == g for p, g in zip(pred, LETTER_GOLD)) / len(pred)
+    items = {"pred": pred, "gold": LETTER_GOLD, "ll": ll}
+    if task == "medmcqa":
+        return cell(method, task, seed, acc, 30.0, per_item={"acc": [int(p == g) for p, g in zip(pred, LETTER_GOLD)],
+                                                             **items}, **kw)  # fmt: skip
+    return cell(method, task, seed, 0.8, 30.0, transfer={"medmcqa": {"acc": acc, "acc_norm": acc, "n": 8, **items}},
+                **kw)  # fmt: skip

@@ -6,7 +6,15 @@ report reads, fills optional ones with defaults and brings old records to the cu
 - `sweep: true` + `phi` (old)  -> `sweep: {"param": "phi", "value": phi}`, `main: false`;
 - `sweep: false` (old)         -> `main: true`, and `sweep` = the cell's φ when it has one, so an old
                                   HLoRA main cell still joins its φ front;
-- no `label`                   -> the method id; no `regularizer` -> `config.method.name` if known.
+- no `label`                   -> the method id; no `regularizer` -> `config.method.name` if known;
+- no `record_version` (1)      -> `general_eval` = "wikitext" (the text stage ν and replay train on),
+                                  `texts` = {"wikitext": its general_ppl / word_ppl / bpb / kl,
+                                  stage_nu_text true}, `battery` None.
+
+Flattened for the stats: `battery_acc` (the battery's mean accuracy, None without one) and `nu_text_ppl`
+(perplexity on the text flagged `stage_nu_text`, None without one). `family` (the panel of the fronts
+figure a row is drawn in) defaults to: "base" for Base, "wise" for rows whose regularizer is "wise",
+"hlora" for row ids starting with "hlora", "alternatives" for every other row.
 
 Rows (methods) and tasks are ordered by first appearance in the file: the runner decides the order,
 and the report keeps no table of method names.
@@ -28,10 +36,21 @@ __all__ = [
     "task_label",
     "main_cells",
     "sweep_key",
+    "default_family",
+    "family_label",
+    "text_label",
+    "general_names",
     "BASE",
+    "PLAIN",
 ]
 
 BASE = "base"  # the untrained row; its perplexity is the reference for the cap and the dominated area
+PLAIN = "lora_mu"  # plain LoRA on the domain: the thin grey reference in every family panel of the fronts
+OLD_GENERAL_EVAL = "wikitext"  # what general_* measured before records named their text (record_version 1)
+
+_TEXT_LABELS = {"c4": "C4", "wikitext": "WikiText-2"}
+_FAMILY_LABELS = {"base": "Base", "hlora": "HLoRA and its variants", "alternatives": "Practical alternatives",
+                  "wise": "WiSE-FT curves"}  # fmt: skip
 
 _TASK_LABELS = {"sciq": "SciQ", "piqa": "PIQA", "medmcqa": "MedMCQA"}
 
@@ -54,7 +73,13 @@ _REQUIRED: dict[str, Any] = {
 # `sweep` and `main` are checked by `_normalize_sweep` (two formats).
 _OPTIONAL: dict[str, tuple[Any, Any]] = {
     "cell": (str, None),
+    "record_version": (int, 1),
     "label": (str, None),
+    "family": (str, None),
+    "lr": (_NUM, None),
+    "general_eval": (str, None),
+    "texts": (dict, None),
+    "battery": (dict, None),
     "regularizer": (str, None),
     "phi": (_NUM, None),
     "general_word_ppl": (_NUM, None),
@@ -127,17 +152,92 @@ def _check_nested(out: dict, fail) -> None:
             if curve.get(k) is not None and (not isinstance(curve[k], list) or len(curve[k]) != len(curve["step"])):
                 fail(f"field 'curve.{k}' must be a list as long as 'curve.step'")
     for k, v in (out["per_item"] or {}).items():
-        if not isinstance(v, list) or not all(x is None or _is_num(x) for x in v):
-            fail(f"field 'per_item.{k}' must be a list of numbers")
+        _check_items(v, f"per_item.{k}", k == "ll", fail)
     for k, v in (out["layer_norms"] or {}).items():
         if not _is_num(v):
             fail(f"field 'layer_norms.{k}' must be a number")
     for k, v in (out["transfer"] or {}).items():
         if not isinstance(v, dict) or not all(v.get(m) is None or _is_num(v[m]) for m in ("acc", "acc_norm", "n")):
             fail(f"field 'transfer.{k}' must be an object with numbers acc, acc_norm, n")
+        for m in ("pred", "gold", "ll"):
+            if v.get(m) is not None:
+                _check_items(v[m], f"transfer.{k}.{m}", m == "ll", fail)
+    _check_texts(out["texts"], fail)
+    _check_battery(out["battery"], fail)
     for k, v in (out["cost"] or {}).items():
         if v is not None and not _is_num(v):
             fail(f"field 'cost.{k}' must be a number or null")
+
+
+def _check_items(v: Any, name: str, lists: bool, fail) -> None:
+    """A per-item list: numbers (or null), or for `ll` lists of numbers (each item's per-choice log-likelihoods)."""
+    if lists:
+        ok = isinstance(v, list) and all(x is None or (isinstance(x, list) and all(y is None or _is_num(y) for y in x))
+                                         for x in v)  # fmt: skip
+        if not ok:
+            fail(f"field '{name}' must be a list of lists of numbers (per item, one log-likelihood per choice)")
+    elif not isinstance(v, list) or not all(x is None or _is_num(x) for x in v):
+        fail(f"field '{name}' must be a list of numbers")
+
+
+def _check_texts(texts: dict | None, fail) -> None:
+    for name, t in (texts or {}).items():
+        if not isinstance(t, dict):
+            fail(f"field 'texts.{name}' must be an object")
+        if not _is_num(t.get("ppl")):
+            fail(f"field 'texts.{name}.ppl' must be a number")
+        for k in ("word_ppl", "bpb", "kl", "n_tokens"):
+            if t.get(k) is not None and not _is_num(t[k]):
+                fail(f"field 'texts.{name}.{k}' must be a number or null")
+        if not isinstance(t.get("stage_nu_text", False), bool):
+            fail(f"field 'texts.{name}.stage_nu_text' must be true/false")
+
+
+def _check_battery(b: dict | None, fail) -> None:
+    if b is None:
+        return
+    if not _is_num(b.get("acc")):
+        fail("field 'battery.acc' must be a number (the mean accuracy over the battery's tasks)")
+    if b.get("acc_stderr") is not None and not _is_num(b["acc_stderr"]):
+        fail("field 'battery.acc_stderr' must be a number or null")
+    tasks = b.get("tasks") or {}
+    if not isinstance(tasks, dict):
+        fail("field 'battery.tasks' must be an object")
+    for k, v in tasks.items():
+        if not isinstance(v, dict) or not all(v.get(m) is None or _is_num(v[m]) for m in ("acc", "acc_norm", "n")):
+            fail(f"field 'battery.tasks.{k}' must be an object with numbers acc, acc_norm, n")
+    items = b.get("per_item") or {}
+    if not isinstance(items, dict):
+        fail("field 'battery.per_item' must be an object")
+    for k, v in items.items():
+        _check_items(v, f"battery.per_item.{k}", False, fail)
+
+
+def _normalize_texts(out: dict) -> None:
+    """Old records (record_version 1): general_* were WikiText-2, stage ν's own text; no battery."""
+    if out["general_eval"] is None:
+        out["general_eval"] = OLD_GENERAL_EVAL
+    if out["texts"] is None and out["record_version"] < 2:
+        out["texts"] = {OLD_GENERAL_EVAL: {"ppl": out["general_ppl"], "word_ppl": out["general_word_ppl"],
+                                           "bpb": out["general_bpb"], "kl": out["general_kl"],
+                                           "n_tokens": None, "stage_nu_text": True}}  # fmt: skip
+    texts = out["texts"] or {}
+    nu = next((t for t in texts.values() if t.get("stage_nu_text")), None)
+    out["nu_text_ppl"] = None if nu is None else nu["ppl"]
+    out["battery_acc"] = None if out["battery"] is None else out["battery"]["acc"]
+
+
+def default_family(method: str, regularizer: str | None) -> str:
+    """The fronts panel a row is drawn in when its records do not name one (see the module docstring)."""
+    if method == BASE:
+        return "base"
+    if regularizer == "wise":
+        return "wise"
+    return "hlora" if method.startswith("hlora") else "alternatives"
+
+
+def family_label(family: str) -> str:
+    return _FAMILY_LABELS.get(family, family)
 
 
 def _normalize_sweep(rec: dict, out: dict, fail) -> None:
@@ -172,6 +272,8 @@ def normalize_record(rec: Any, i: int = 0, where: str = "results") -> dict:
     if out["regularizer"] is None:  # old records: the training method is in the resolved config
         name = ((out["config"] or {}).get("method") or {}).get("name")
         out["regularizer"] = "none" if out["method"] == BASE else name
+    _normalize_texts(out)
+    out["family"] = out["family"] or default_family(out["method"], out["regularizer"])
     return out
 
 
@@ -235,3 +337,41 @@ def sweep_key(rec: dict) -> tuple[str, float] | None:
     """(param, value) of the swept hyper-parameter of a cell, None when the cell is not on a sweep."""
     s = rec.get("sweep")
     return (s["param"], s["value"]) if s else None
+
+
+def text_label(name: str) -> str:
+    """Display name of a general text: `c4` -> C4, `wikitext` -> WikiText-2, `text:/dir/f.txt` -> text:f.txt."""
+    return _TEXT_LABELS.get(name) or task_label(name)
+
+
+def general_names(records: Iterable[dict], legacy: bool = True) -> dict:
+    """How tables and figures name the general measures of these records.
+
+    `ppl` / `kl`: "C4 PPL" / "C4 KL" (the records' general_eval); "WikiText-2 PPL (stage ν's text)" where the
+    general text is the one stage ν trains on; texts joined by " / " when records differ. `nu_ppl`: the
+    label of a separate column for stage ν's own text (None when there is none, or when it is the general
+    text itself). `battery`: whether some record has the battery. `named`: False for records that all
+    predate named texts (record_version 1) when `legacy`: tables then keep their old headers ("PPL",
+    "KL"), so that old reports regenerate unchanged; figures pass legacy=False.
+    """
+    records = list(records)
+    evals = list(dict.fromkeys(r.get("general_eval") or OLD_GENERAL_EVAL for r in records))
+    nu = list(dict.fromkeys(k for r in records for k, t in (r.get("texts") or {}).items() if t.get("stage_nu_text")))
+    if not nu and not any(r.get("record_version", 1) >= 2 for r in records):
+        nu = [OLD_GENERAL_EVAL]
+    on_nu = bool(evals) and all(e in nu for e in evals)
+    text = " / ".join(text_label(e) for e in evals)
+    named = not legacy or any(r.get("record_version", 1) >= 2 for r in records)
+    nu_text = " / ".join(text_label(t) for t in nu if t not in evals)
+    has_nu_col = bool(nu_text) and any(r.get("nu_text_ppl") is not None for r in records)
+    return {
+        "named": named,
+        "text": text if named else "general",
+        "ppl": (f"{text} PPL" + (" (stage ν's text)" if on_nu else "")) if named else "PPL",
+        "kl": f"{text} KL" if named else "KL",
+        "on_nu": on_nu,
+        "mixed": len(evals) > 1,
+        "nu_ppl": f"{nu_text} PPL (stage ν's own distribution)" if has_nu_col else None,
+        "nu_text": nu_text or None,
+        "battery": any(r.get("battery_acc") is not None for r in records),
+    }
