@@ -1,4 +1,4 @@
-"""SIRecorder and HLoRACallback: the recorded quantities against direct computations (DESIGN section 2)."""
+"""SIRecorder and HLoRACallback: the recorded quantities against direct computations (docs/design.md section 3)."""
 from __future__ import annotations
 
 import copy
@@ -439,7 +439,7 @@ def test_ddp_gives_same_importance_as_one_process(tmp_path):
             assert rel(got.omega[n].double(), want.omega[n]) < 1e-6, (grad, n)
 
 
-# ------------------------------------------------------------- the gradient Ω is built from (DESIGN section 2)
+# ------------------------------------------------------------- the gradient Ω is built from (docs/design.md §3.1)
 
 
 def _reference_omega(model, ids, steps, clip, lr=1e-2, xi=1e-9):

@@ -25,7 +25,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'hlora' has no attribute {name!r}")
 
 
-# `evaluate` is both a submodule and the public function (DESIGN section 4): bind the function eagerly,
+# `evaluate` is both a submodule and the public function (docs/design.md section 6.1): bind the function eagerly,
 # otherwise importing the submodule would shadow it with the module.
 from .evaluate import evaluate  # noqa: E402
 

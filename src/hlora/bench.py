@@ -1,4 +1,4 @@
-"""`hlora bench`: the performance targets of DESIGN section 7, measured as ratios within one run.
+"""`hlora bench`: the performance targets of docs/design.md section 9, measured as ratios within one run.
 
     hlora bench --model smollm2-135m --json benchmarks/results/smollm2-cpu.json
 

@@ -52,7 +52,7 @@ class TrainConfig:
     save_steps: int = 0  # 0 = no intermediate checkpoints (resume then restarts the stage)
     snapshot_steps: list[int] = field(default_factory=list)  # keep the adapter at these steps (snapshots/step-N/)
     shuffle: bool = True  # false = data in order (reproducible global batches, e.g. DDP checks)
-    max_grad_norm: float = 1.0  # transformers default; SI reads the gradient before clipping (DESIGN §2)
+    max_grad_norm: float = 1.0  # transformers default; SI reads the gradient before clipping (docs/design.md §3.1)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Importance: per-module element-wise importance Ω (SI or Fisher) plus metadata, as one safetensors file.
 
-File format (DESIGN section 5), version 1:
+File format (docs/design.md section 7.1), version 1:
 
 - one tensor per LoRA-targeted module, named by its PEFT module path
   (e.g. ``base_model.model.model.layers.3.self_attn.v_proj``), shaped like the module's base weight

@@ -1,4 +1,4 @@
-"""Synaptic-Intelligence importance of the LoRA update ΔW (paper section 4.1, DESIGN section 2).
+"""Synaptic-Intelligence importance of the LoRA update ΔW (paper section 4.1, docs/design.md section 3).
 
 Per LoRA module (ΔW = s·B·A, kept internally in the out x in layout; exported in the base weight's
 layout) and per optimizer step t:
@@ -166,7 +166,7 @@ class SIRecorder:
 
     grad="paper": g̃ from the accumulated gradients of A and B. With `unclipped=True` (default) they are
     copied by post-accumulate-grad hooks as backward leaves them, i.e. the task-loss gradient *before*
-    any clipping (clipping would scale each step's ω by that step's clip factor: DESIGN section 2);
+    any clipping (clipping would scale each step's ω by that step's clip factor: docs/design.md section 3.1);
     `unclipped=False` reads `.grad` in before_step (what the optimizer applies, after clipping).
     grad="exact": dL/dΔW from hooks on lora_A (input) and lora_B (output gradient) of every module.
     Hook-read gradients are summed over the micro-batches of the step and averaged over processes like

@@ -4,7 +4,7 @@ Stage ν (`general`) and stage μ (`domain`) are the same code: the method attac
 the training data, adds its loss term and callbacks, and saves what it produced (HLoRA: the importance file
 in stage ν, the penalty in stage μ). Nothing here branches on a method's name or on the stage.
 
-Run directory (DESIGN section 5): config.yaml, adapter/, the method's files (importance.safetensors),
+Run directory (docs/design.md section 7.2): config.yaml, adapter/, the method's files (importance.safetensors),
 log.jsonl, summary.json, checkpoints/ (when train.save_steps > 0), DONE last. Every file is written atomically.
 """
 from __future__ import annotations

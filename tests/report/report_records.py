@@ -1,4 +1,4 @@
-"""Synthetic results.json records for the report tests (the format of DESIGN.md section 5).
+"""Synthetic results.json records for the report tests (the format of docs/design.md section 7.3).
 
 A plain module (not a conftest) so that the tests can import its builders.
 """

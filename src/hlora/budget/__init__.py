@@ -1,4 +1,4 @@
-"""A forgetting budget (DESIGN section 1 item 6): the user states what the model may lose on one general measure
+"""A forgetting budget (docs/design.md section 1): the user states what the model may lose on one general measure
 and gets the most domain-accurate model within it.
 
 - measure.py: `Budget` (`c4_kl=0.05`, `c4_ppl_rise_pct=2`, `battery_drop_pts=1`, ...), validation / test slices,

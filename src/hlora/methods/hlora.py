@@ -1,4 +1,4 @@
-"""HLoRA (paper sections 4–5, DESIGN section 2): one method, two stages.
+"""HLoRA (paper sections 4–5, docs/design.md sections 3–4): one method, two stages.
 
 Stage ν (`general`): plain LoRA on general text while an SIRecorder (si.py) records the element-wise
 importance Ω of ΔW; the run directory gets `importance.safetensors` beside the adapter (ΔW^ν).

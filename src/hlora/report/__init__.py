@@ -1,6 +1,6 @@
 """Reports from `results.json` only: tables (Markdown, CSV, LaTeX), figures (PNG) and statistics.
 
-Everything here is a pure function of the records in `results.json` (DESIGN.md section 5); the
+Everything here is a pure function of the records in `results.json` (docs/design.md section 7.3); the
 report never opens a run directory, a model or an importance file. Entry points: `write_report`
 (`hlora report`) and `inspect_importance` (`hlora inspect`, from per-module norms: no torch).
 

@@ -41,7 +41,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def layer_weights(layer_norms: dict[str, float], layer_scale: float | str = DEFAULT_LAYER_SCALE) -> dict[str, float]:
-    """w = softmax_l(‖Ω_l‖ · layer_scale) as in DESIGN.md section 2; "auto" = 1/mean_l ‖Ω_l‖."""
+    """w = softmax_l(‖Ω_l‖ · layer_scale) as in docs/design.md section 4.1; "auto" = 1/mean_l ‖Ω_l‖."""
     names = list(layer_norms)
     norms = np.array([layer_norms[n] for n in names], dtype=float)
     if layer_scale == "auto":

@@ -1,6 +1,6 @@
 """Reading and checking `results.json`, and the few facts about records the rest of the report uses.
 
-A record is one cell of the experiment (DESIGN.md section 5). `load_results` checks every field the
+A record is one cell of the experiment (docs/design.md section 7.3). `load_results` checks every field the
 report reads, fills optional ones with defaults and brings old records to the current format:
 
 - `sweep: true` + `phi` (old)  -> `sweep: {"param": "phi", "value": phi}`, `main: false`;
