@@ -152,7 +152,7 @@ def lagged_plant(rule: DualUpdate, steps: int, gain: float, every: int, lag: flo
 
 
 def test_dual_update_moves_the_coefficient_the_right_way():
-    cfg = DualConfig(eta=0.5)
+    cfg = DualConfig(eta=0.5, kp=0.0)  # the plain dual update
     rule = DualUpdate(1.0, target=0.1, lo=1e-6, hi=1e6, cfg=cfg)
     assert rule.update(0.3) > 1.0  # over budget: more regularisation
     rule = DualUpdate(1.0, target=0.1, lo=1e-6, hi=1e6, cfg=cfg)
@@ -169,14 +169,14 @@ def test_dual_update_moves_the_coefficient_the_right_way():
 
 def test_dual_update_settles_at_the_budget_on_a_lagged_plant():
     target = 0.05  # the coefficient starts 400x too small: c* = gain / target = 4
-    for eta in (0.25, 0.5):
-        rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=eta))
+    for eta, kp in ((0.25, 0.0), (0.5, 0.0), (0.5, 2.0)):
+        rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=eta, kp=kp))
         trace = lagged_plant(rule, steps=600, gain=0.2, every=5, lag=0.05)
         tail = [m for _, m in trace[-20:]]
         assert all(abs(m / target - 1) < 0.05 for m in tail), (eta, tail)
         assert rule.value == pytest.approx(0.2 / target, rel=0.1)
     # a step far too large for the interval rings: the forgetting keeps swinging around the target
-    rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=4.0))
+    rule = DualUpdate(0.01, target=target, lo=1e-6, hi=1e6, cfg=DualConfig(eta=4.0, kp=0.0))
     tail = [m for _, m in lagged_plant(rule, steps=600, gain=0.2, every=10, lag=0.15)[-20:]]
     assert max(tail) / target > 1.5 and min(tail) / target < 0.5
 

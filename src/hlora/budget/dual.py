@@ -5,8 +5,8 @@ batch (one forward pass without gradients; for KL the base model's log-probs are
 with the adapter disabled; for a perplexity rise the base model's NLL on the batch, once) and updates the
 coefficient from the relative violation v = clip((measured − target)/target, ±max_violation):
 
-    u ← u + η·v          (the integral: the plain dual update)
-    c = T⁻¹(u + kp·v)    (kp > 0 adds a proportional term: PI control; 0 by default)
+    u ← u + η·v                 (the integral: the plain dual update)
+    c = T⁻¹(u + kp·v + kd·Δv)   (a proportional term, kp = 2 by default: PI control; kd = 0)
 
 with u = log c for coefficients that act multiplicatively (φ, β, λ: a range bounded away from 0) and u = c/0.2
 for ρ (a share in [0, 0.9]: linear steps of 0.2·η per unit violation), clipped to the method's range
@@ -14,11 +14,13 @@ for ρ (a share in [0, 0.9]: linear steps of 0.2·η per unit violation), clippe
 The target is margin·limit (0.9 by default): the proxy batch is small and the final model is checked on the
 validation slice by the α search anyway.
 
-Choice of η and K (docs/budget.md has the traces): forgetting responds to the coefficient with a lag (what the
-adapter already learned stays until training pulls it back), so a large η·(steps per update) overshoots and
-rings, the oscillation the constrained-RL literature reports for Lagrange-multiplier updates (Stooke et al.
-2020). On a lagged plant and on tiny models, η = 0.5 per update with K = 5 steps settles within a few updates
-without ringing, while η ≥ 2 oscillates and η ≤ 0.1 is too slow to follow the forgetting of a 60-step run.
+Choice of η, K and kp (docs/budget.md has the study, benchmarks/dual_study.py runs it): forgetting responds to
+the coefficient with a lag and a dead zone (what the adapter learned stays until training pulls it back), so the
+plain integral update winds up while the proxy has not moved yet and overshoots, ringing at η = 2 (the
+oscillation the constrained-RL literature reports for Lagrange multipliers, Stooke et al. 2020), and is too
+slow at η ≤ 0.25. On tiny-llama (kl_general, 120 steps, β from 0.1) η = 0.5, K = 5 with a proportional term
+kp = 2 ended at 1.00× the target with a spread of 0.09 over the last third (the integral alone: 0.58×, after
+undershooting to 0.32×); K = 10 reacts late, K = 2 overshoots early. Defaults: η = 0.5, K = 5, kp = 2, kd = 0.
 
 The method reads its coefficient at every step (Method.set_coefficient); without a controller nothing changes.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +43,8 @@ from .measure import Budget, SliceTask
 class DualConfig:
     every: int = 5  # K: optimizer steps between updates
     eta: float = 0.5  # η: step of log c (or of ρ/0.2) per unit of relative violation
-    kp: float = 0.0  # proportional gain (PI control); 0 = the plain dual (integral) update
-    kd: float = 0.0  # derivative gain on the violation's change between updates (PID); damps overshoot
+    kp: float = 2.0  # proportional gain (PI control; docs/budget.md); 0 = the plain dual (integral) update
+    kd: float = 0.0  # derivative gain on the violation's change between updates (PID)
     margin: float = 0.9  # aim at margin·limit
     max_violation: float = 1.0  # |relative violation| used per update at most
     proxy_tokens: int = 512  # general tokens of the fixed proxy batch (text measures)
