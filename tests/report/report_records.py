@@ -137,8 +137,10 @@ BATTERY_TASKS = ("arc_challenge", "boolq", "commonsense_qa", "siqa", "copa", "wi
 
 
 def battery_acc(rec: dict) -> float:
-    """The battery mean a synthetic v2 record gets: lower the further from Base (KL), a little per seed."""
-    return 0.55 - 2.0 * (rec.get("general_kl") or 0.0) - 0.004 * rec["seed"] ** 2 + 0.001 * len(rec["method"])
+    """The battery mean a synthetic v2 record gets: lower the further from Base (KL), a little per seed (by
+    how much depends on the row, so that paired differences vary over seeds)."""
+    m, s = rec["method"], rec["seed"]
+    return 0.55 - 2.0 * (rec.get("general_kl") or 0.0) - 0.004 * s * (1 + len(m) % 3) + 0.001 * len(m)
 
 
 def to_new_format(rec: dict) -> dict:

@@ -48,3 +48,58 @@ def test_missing_ewc_skips_violin(write_results, tmp_path):
     assert not (out / "violin_hlora_vs_ewc.png").exists()
     assert "violin_hlora_vs_ewc.png skipped" in (out / "report.md").read_text(encoding="utf-8")
     assert (out / "acc_vs_ppl.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _drawn(monkeypatch, records, task="sciq"):
+    """plot_fronts's figure: its visible axes as a grid of (title, y label, labels of what each panel draws)."""
+    import hlora.report.figures as F
+
+    figs = []
+    monkeypatch.setattr(F, "save_png", lambda fig, out: figs.append(fig) or out)
+    assert plot_fronts(records, task, "unused.png") == "unused.png"
+    (fig,) = figs
+    return [ax for ax in fig.axes if ax.get_visible()], fig
+
+
+def test_fronts_with_the_battery_have_a_row_of_panels_per_family(write_results, monkeypatch):
+    from report_records import to_new_format
+
+    recs = load_results(write_results([to_new_format(r) for r in make_results(wise=True)]))
+    axes, fig = _drawn(monkeypatch, recs)
+    assert len(axes) == 9 and axes[0].get_gridspec().get_geometry() == (3, 3)  # families × (PPL, KL, battery)
+    assert [ax.get_title(loc="left") for ax in axes[::3]] == ["HLoRA and its variants", "Practical alternatives",
+                                                              "WiSE-FT curves"]  # fmt: skip
+    assert [ax.get_ylabel() for ax in axes[:3]] == [
+        "C4 perplexity (lower is better)", "KL(p_base ‖ p_model) on C4\nnats/token (lower is better)",
+        "battery: mean zero-shot accuracy %\n(higher is better)"]  # fmt: skip
+    drawn = [{c.get_label() for c in ax.containers} for ax in axes]
+    assert all("Base" in d for d in drawn)  # Base in every panel
+    assert all("LoRA(μ) (grey reference)" in d for d in drawn[:3] + drawn[6:])  # LoRA(μ) thin and grey elsewhere
+    assert {"LoRA(μ)", "rsLoRA", "EWC-LoRA", "LoRA(ν+μ)"} <= drawn[3] and "HLoRA (φ)" not in drawn[3]
+    assert {"HLoRA (φ)", "HLoRA −layer", "HLoRA −layer,element"} <= drawn[0]
+    assert "WiSE-FT LoRA(ν+μ) (α)" in drawn[6] and "HLoRA (φ)" not in drawn[6]
+    # a record may name its own family: a fourth row of panels
+    for r in recs:
+        if r["method"] == "rslora":
+            r["family"] = "rank-stabilised"
+    axes, _ = _drawn(monkeypatch, recs)
+    assert len(axes) == 12 and axes[9].get_title(loc="left") == "rank-stabilised"
+
+
+def test_fronts_without_the_battery_keep_their_layout(write_results, monkeypatch):
+    axes, _ = _drawn(monkeypatch, load_results(write_results(make_results(wise=True))))
+    assert len(axes) == 3 and axes[0].get_gridspec().get_geometry() == (1, 3)  # acc-PPL, acc-KL, KL-PPL
+    assert [ax.get_xlabel() for ax in axes] == ["domain accuracy % (higher is better)"] * 2 + [
+        "KL(p_base ‖ p_model) on WikiText-2\nnats/token (lower is better)"]  # fmt: skip
+    assert axes[0].get_ylabel() == "WikiText-2 perplexity (lower is better)\nstage ν's own text"
+    assert all(ax.get_title(loc="left") == "" for ax in axes)
+
+
+def test_battery_fronts_png(write_results, tmp_path):
+    from report_records import to_new_format
+
+    res = write_report(write_results([to_new_format(r) for r in make_results(wise=True)]), tmp_path / "r")
+    w, h = png_size((tmp_path / "r" / "fronts_sciq.png").read_bytes())
+    assert 1500 <= w <= 2000 and 1000 <= h <= 1400  # 3 × 3 panels and the legends beside them, at 100 dpi
+    assert "one row of panels per family" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert not res["skipped"].get("fronts_sciq.png")

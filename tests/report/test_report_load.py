@@ -91,7 +91,7 @@ def test_old_records_take_the_new_shape(write_results):
     family = {r["method"]: r["family"] for r in got}
     assert family == {"base": "base", "lora_mu": "alternatives", "lora_nu_mu": "alternatives",
                       "rslora": "alternatives", "ewc_lora": "alternatives", "hlora": "hlora",
-                      "hlora_no_layer": "hlora", "hlora_no_layer_element": "hlora",  # regularizer "none": the id decides
+                      "hlora_no_layer": "hlora", "hlora_no_layer_element": "hlora",  # regularizer "none": id decides
                       "wise_lora_nu_mu": "wise"}  # fmt: skip
     names = general_names(got)
     assert names["ppl"] == "PPL" and not names["named"] and not names["battery"]  # tables keep their old headers

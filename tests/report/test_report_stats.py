@@ -174,3 +174,54 @@ def test_head_to_head_pairs_every_point_with_the_reference_by_seed():
     assert [r["sweep"] for r in w] == [("alpha", 0.5)]  # the borrowed α=0 end (Base) is Base's row, not W's
     ref = next(r for r in h["rows"] if r["method"] == "hlora")
     assert ref["main"] and ref["d_general_ppl"] == 0.0
+
+
+def _battery_fronts() -> list[dict]:
+    """HLoRA main cells and a replay front (two ρ) over three seeds, every cell with the battery's mean."""
+    recs = [cell("base", "sciq", s, 0.60, 30.0, label="Base", battery={"acc": 0.55}) for s in (0, 1, 2)]
+    for s, acc, bat in ((0, 0.80, 0.50), (1, 0.82, 0.52), (2, 0.78, 0.49)):
+        recs.append(cell("hlora", "sciq", s, acc, 20.0 + s, sweep=("phi", 1e-3), label="HLoRA", battery={"acc": bat}))
+    replay = {0: [(0.70, 0.56), (0.90, 0.46)],  # at 0.80: 0.51
+              1: [(0.75, 0.55), (0.85, 0.49)],  # at 0.82: 0.508
+              2: [(0.70, 0.53), (0.80, 0.47)]}  # at 0.78: 0.482  # fmt: skip
+    for s, pts in replay.items():
+        for k, (acc, bat) in enumerate(pts):
+            recs.append(cell("replay", "sciq", s, acc, 21.0 + k, sweep=("rho", 0.5 * (k + 1)), main=k == 0,
+                             label="Replay", battery={"acc": bat, "tasks": {"copa": {"acc": bat, "n": 10}}}))
+    return [normalize_record(r) for r in recs]
+
+
+def test_battery_is_aggregated_and_compared_paired_by_seed():
+    from hlora.report.stats import aggregate, front
+
+    recs = _battery_fronts()
+    agg = aggregate(recs)
+    assert agg[("hlora", "sciq")]["battery_acc"] == pytest.approx(np.mean([0.50, 0.52, 0.49]))
+    assert agg[("hlora", "sciq")]["battery_acc_std"] == pytest.approx(np.std([0.50, 0.52, 0.49], ddof=1))
+    pts = front(recs, "replay", "sciq")
+    assert [p["battery_acc"] for p in pts] == pytest.approx([0.55 - 0.01 / 3, 0.47 + 0.01 / 3])
+    # head to head: replay's ρ = 0.5 point against HLoRA's main cell, seed by seed
+    h = head_to_head(recs, "sciq")
+    rp = next(r for r in h["rows"] if r["method"] == "replay" and r["sweep"] == ("rho", 0.5))
+    mine, theirs = [0.56, 0.55, 0.53], [0.50, 0.52, 0.49]
+    assert rp["battery_acc"] == pytest.approx(np.mean(mine))
+    assert rp["d_battery_acc"] == pytest.approx(np.mean(np.subtract(mine, theirs)))
+    assert rp["p_battery_acc"] == pytest.approx(stats.ttest_rel(mine, theirs).pvalue, rel=1e-9)
+    assert h["ref"]["battery_acc"] == pytest.approx(np.mean(theirs))
+    # at matched accuracy: replay's battery interpolated at each seed's HLoRA accuracy
+    s = matched_summary(recs, "sciq")
+    row = next(r for r in s["rows"] if r["method"] == "replay")
+    at = [0.51, 0.508, 0.482]
+    test = row["battery_test"]
+    assert test["n"] == 3 and test["diff"] == pytest.approx(np.mean(np.subtract(theirs, at)))
+    assert test["p"] == pytest.approx(stats.ttest_rel(theirs, at).pvalue, rel=1e-9)
+    acc_ref = np.mean([0.80, 0.82, 0.78])  # on the seed-mean front (0.7167, 0.5467) .. (0.85, 0.4733)
+    a0, b0 = np.mean([0.70, 0.75, 0.70]), np.mean([0.56, 0.55, 0.53])
+    a1, b1 = np.mean([0.90, 0.85, 0.80]), np.mean([0.46, 0.49, 0.47])
+    assert row["battery"] == pytest.approx(b0 + (acc_ref - a0) / (a1 - a0) * (b1 - b0))
+    assert paired_matched_test(recs, "replay", "sciq", metric="battery_acc") == test
+    assert next(r for r in s["rows"] if r["method"] == "hlora")["battery_test"] is None
+    # records without the battery: no battery test, None at acc*
+    plain = [normalize_record({k: v for k, v in r.items() if k not in ("battery", "battery_acc")}) for r in recs]
+    row = next(r for r in matched_summary(plain, "sciq")["rows"] if r["method"] == "replay")
+    assert row["battery"] is None and row["battery_test"] is None and row["test"]["n"] == 3

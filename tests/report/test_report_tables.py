@@ -5,6 +5,7 @@ import csv
 import io
 import math
 
+import numpy as np
 import pytest
 from report_records import ROW_IDS, TASKS, cell, make_results
 from scipy import stats
@@ -190,3 +191,51 @@ def test_head_to_head_table_shows_differences_with_paired_p():
     assert f"| Replay | rho = 0.5 | 85.0 | +0.0 (1.000) | 22.50 | -3.50 ({p:.3f}) | 0.450 | +0.150 (" in md
     assert "| HLoRA | phi = 1 (reference) | 85.0 | +0.0 (n/a) | 26.00 | +0.00 (n/a) |" in md
     assert "HLoRA's main cell (acc 85.0 %, PPL 26.00, KL 0.300; seeds 0,1)" in md
+
+
+def test_new_records_name_the_text_and_add_the_battery(write_results, tmp_path):
+    from report_records import battery_acc, to_new_format
+
+    recs = [to_new_format(r) for r in make_results(wise=True)]
+    write_report(write_results(recs), tmp_path / "r")
+    md = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
+    header = ("| Method | SciQ C4 PPL ↓ | SciQ Acc % ↑ | SciQ Battery % ↑ | SciQ WikiText-2 PPL (stage ν's own "
+              "distribution) ↓ | PIQA C4 PPL ↓ |")  # fmt: skip
+    assert header in md
+    hl = next(line for line in md.splitlines() if line.startswith("| HLoRA |") and "±" in line)
+    cells = [c.strip().strip("*") for c in hl.strip("|").split("|")]
+    bat = [battery_acc(r) for r in recs if r["method"] == "hlora" and r["task"] == "sciq" and r["main"]]
+    assert cells[1:5] == ["33.04 ± 0.20", "89.00 ± 1.41",  # C4 = 1.4 × the old general PPL
+                          f"{100 * np.mean(bat):.2f} ± {100 * np.std(bat, ddof=1):.2f}", "23.60 ± 0.14"]  # fmt: skip
+    assert "C4 PPL: perplexity on C4, a text no stage trains on" in md
+    assert "WikiText-2 PPL (stage ν's own distribution): perplexity on WikiText-2, the text stage ν" in md
+    # matched accuracy: battery columns; head to head: battery differences, paired over seeds like scipy
+    assert "### C4 perplexity, C4 KL and battery at matched domain accuracy" in md
+    assert "| C4 PPL @ acc* ↓ | C4 KL @ acc* ↓ |" in md
+    assert "| Battery % @ acc* ↑ | ΔBattery pts ref − row (p), n |" in md
+    assert "cap = Base C4 PPL × 1.02" in md
+    assert ("| ΔAcc pts (p) | C4 PPL ↓ | ΔC4 PPL (p) | C4 KL to Base ↓ | ΔC4 KL (p) | Battery % ↑ | ΔBattery pts (p) |"
+            in md)  # fmt: skip
+
+    def bat_of(m):
+        return [battery_acc(r) for r in sorted(recs, key=lambda r: r["seed"])
+                if r["method"] == m and r["task"] == "sciq" and r["main"]]  # fmt: skip
+
+    mine, ref = bat_of("lora_mu"), bat_of("hlora")
+    p = stats.ttest_rel(mine, ref).pvalue
+    line = next(x for x in md.splitlines() if x.startswith("| LoRA(μ) | main |"))
+    assert f"| {100 * np.mean(mine):.1f} | {100 * np.mean(np.subtract(mine, ref)):+.1f} ({p:.3f}) |" in line
+    assert "| Acc % | C4 PPL ↓ | C4 KL to Base ↓ | Battery % ↑ |" in md  # front points
+    csv_row = next(r for r in _rows(tmp_path / "r" / "table1.csv") if r["method"] == "hlora")
+    assert float(csv_row["sciq_battery_acc_mean"]) == pytest.approx(np.mean(bat))
+    assert float(csv_row["sciq_nu_text_ppl_mean"]) == pytest.approx(23.6)
+    assert "battery_paired_p" in (tmp_path / "r" / "matched.csv").read_text()
+    rep = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert "General measures (general_ppl, general_kl): C4 PPL; stage ν's own text also as WikiText-2 PPL" in rep
+    # the same records before named texts: the old headers, no battery or stage-ν column
+    write_report(write_results(make_results(wise=True)), tmp_path / "old")
+    old = (tmp_path / "old" / "tables.md").read_text(encoding="utf-8")
+    assert "| Method | SciQ PPL ↓ | SciQ Acc % ↑ | PIQA PPL ↓ | PIQA Acc % ↑ |" in old
+    assert "Battery" not in old and "C4" not in old and "WikiText" not in old
+    old_rep = (tmp_path / "old" / "report.md").read_text(encoding="utf-8")
+    assert "General measures (general_ppl, general_kl): WikiText-2 PPL (stage ν's text), the text stage ν" in old_rep

@@ -4,9 +4,9 @@ Everything here is a pure function of the records in `results.json` (docs/design
 report never opens a run directory, a model or an importance file. Entry points: `write_report`
 (`hlora report`) and `inspect_importance` (`hlora inspect`, from per-module norms: no torch).
 
-Modules: `load` (reading and checking records), `stats` (seed means, t-tests, fronts, matched
-accuracy, caps, dominated area), `tables`, `figures`, `importance` (layer weights, heatmap),
-`write` (`write_report`).
+Modules: `load` (reading and checking records, how the general measures are named), `stats` (seed
+means, t-tests, fronts, matched accuracy, caps, dominated area, answer letters), `tables`, `figures`,
+`importance` (layer weights, heatmap), `write` (`write_report`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from .stats import (
     front,
     interp_ppl_at_acc,
     item_scores,
+    letter_analysis,
     matched_summary,
     mean_std,
     paired_matched_test,
@@ -76,6 +77,7 @@ __all__ = [
     "complexity_latex",
     "seed_significance",
     "item_scores",
+    "letter_analysis",
     "layer_weights",
     "entropy",
     "importance_matrix",

@@ -16,12 +16,13 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..files import atomic_path
-from .load import BASE, main_cells, row_labels, row_order, task_label, task_order
+from .load import BASE, PLAIN, family_label, general_names, main_cells, row_labels, row_order, task_label, task_order
 from .stats import CAP_RATIO, REFERENCE, aggregate, base_point, front, item_comparison, reference_accuracy
 
 __all__ = [
     "DPI",
     "fronts_name",
+    "by_family",
     "plot_fronts",
     "plot_sweeps",
     "plot_loss_curves",
@@ -64,14 +65,20 @@ def _param(param: str) -> str:
 
 
 def style(records: Iterable[dict]) -> dict[str, dict]:
-    """A fixed colour and marker per row (order of first appearance); Base a black star."""
+    """A fixed colour and marker per row (order of first appearance); Base a black star. Records with the
+    battery (whose fronts figure draws LoRA(μ) as a grey reference) give no row a grey."""
     import matplotlib
 
+    records = list(records)
     rows = [m for m in row_order(records) if m != BASE]
+    no_grey = any(r.get("battery_acc") is not None for r in records)
     # tab10 for up to ten rows; beyond, tab20's dark shades then its light ones (no colour used twice)
-    cmap, n = (matplotlib.colormaps["tab10"], 10) if len(rows) <= 10 else (matplotlib.colormaps["tab20"], 20)
-    order = list(range(n)) if n == 10 else list(range(0, 20, 2)) + list(range(1, 20, 2))
-    out = {m: {"color": cmap(order[i % n]), "marker": _MARKERS[i % len(_MARKERS)]} for i, m in enumerate(rows)}
+    big = len(rows) > (9 if no_grey else 10)
+    cmap = matplotlib.colormaps["tab20" if big else "tab10"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2)) if big else list(range(10))
+    if no_grey:
+        order = [k for k in order if k not in ((14, 15) if big else (7,))]
+    out = {m: {"color": cmap(order[i % len(order)]), "marker": _MARKERS[i % len(_MARKERS)]} for i, m in enumerate(rows)}
     out[BASE] = {"color": "black", "marker": "*"}
     return out
 
@@ -107,7 +114,7 @@ def _front_label(label: str, pts: list[dict]) -> str:
 
 
 def _axis_scale(metric: str) -> float:
-    return 100.0 if metric == "acc" else 1.0  # accuracy in percent, anything else as it is
+    return 100.0 if metric in ("acc", "battery_acc") else 1.0  # accuracies in percent, anything else as it is
 
 
 def _xy(p: dict, metric: str) -> tuple[float, float]:
@@ -116,10 +123,15 @@ def _xy(p: dict, metric: str) -> tuple[float, float]:
     return k * p[metric], k * (p[metric + "_std"] or 0)
 
 
-def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base: bool, xmetric: str = "acc") -> Any:
-    """One row on one panel: a line through its sweep points (or a lone marker), ±std in both axes."""
+def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base: bool, xmetric: str = "acc",
+                thin: bool = False) -> Any:  # fmt: skip
+    """One row on one panel: a line through its sweep points (or a lone marker), ±std in both axes; `thin`
+    draws it as a grey reference (small markers, no value labels)."""
     (x, xerr), (y, yerr) = zip(*[_xy(p, xmetric) for p in pts]), zip(*[_xy(p, metric) for p in pts])
     line = "-" if len(pts) >= 2 and not is_base else "none"
+    if thin:
+        return ax.errorbar(x, y, xerr=xerr, yerr=yerr, ls=line, lw=0.9, color="0.6", marker=st["marker"], ms=3.5,
+                           mec="0.6", elinewidth=0.5, capsize=1, label=label, zorder=2)  # fmt: skip
     h = ax.errorbar(x, y, xerr=xerr, yerr=yerr, ls=line, lw=1.4, color=st["color"], marker=st["marker"],
                     ms=15 if is_base else 6, mec="black" if is_base else st["color"], elinewidth=0.8,
                     capsize=2, label=label, zorder=4 if is_base else 3)  # fmt: skip
@@ -132,12 +144,25 @@ def _draw_front(ax, pts: list[dict], metric: str, st: dict, label: str, is_base:
 
 
 _ACC = "domain accuracy % (higher is better)"
-_PPL = "general perplexity (lower is better)"
-_KL = "KL(p_base ‖ p_model), nats/token (lower is better)"
+_BATTERY = "battery: mean zero-shot accuracy %\n(higher is better)"
+
+
+def _axis_labels(names: dict) -> dict[str, str]:
+    """Axis labels that name the general text ("C4 perplexity", "WikiText-2 perplexity ... stage ν's own text"),
+    on two lines where one would outgrow the panel."""
+    text = _tex_safe(names["text"])
+    own = "\nstage ν's own text" if names["on_nu"] else ""
+    return {"acc": _ACC, "general_ppl": f"{text} perplexity (lower is better){own}",
+            "general_kl": f"KL(p_base ‖ p_model) on {text}\nnats/token (lower is better)",
+            "battery_acc": _BATTERY, "nu_text_ppl": "stage ν's own text: perplexity (lower is better)"}  # fmt: skip
+
+
 # (x, y) per panel. The third sets the two measures of general ability against each other: where domain
 # accuracy saturates, it is where the rows differ (which of the two each one protects).
-_FRONT_PANELS = (("acc", "general_ppl", _ACC, _PPL), ("acc", "general_kl", _ACC, _KL),
-                 ("general_kl", "general_ppl", _KL, _PPL))  # fmt: skip
+_FRONT_PANELS = (("acc", "general_ppl"), ("acc", "general_kl"), ("general_kl", "general_ppl"))
+# With the battery: domain accuracy against each measure of general ability, one row of panels per family.
+_FAMILY_METRICS = ("general_ppl", "general_kl", "battery_acc")
+_FAMILY_ORDER = ("hlora", "alternatives", "wise")  # the default families (load.default_family), in this order
 
 
 def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_label: str, handles: dict) -> None:
@@ -159,9 +184,11 @@ def _outlier_bounds(recs: list[dict], metric: str) -> tuple[float, float] | None
     return (vals[0], top) if vals[-1] > top else None
 
 
-def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict, xmetric: str = "acc") -> None:
+def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict, xmetric: str = "acc",
+                   only: set[str] | None = None) -> None:  # fmt: skip
     """A row far above the others (e.g. a method that broke the model) would squash every front into a
-    line: cap the axes at p75 + 3·IQR of the values and name what lies above at the top edge."""
+    line: cap the axes at p75 + 3·IQR of the values and name what lies above at the top edge (the rows
+    in `only`, when given: those drawn on this panel)."""
     if xmetric != "acc" and (xb := _outlier_bounds(recs, xmetric)) is not None:
         lo, right = min(xb[0], ax.get_xlim()[0]), xb[1]
         ax.set_xlim(lo, right + 0.08 * (right - lo))
@@ -172,7 +199,7 @@ def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict
     ax.set_ylim(lo, top + 0.08 * (top - lo))
     over: dict[str, list[float]] = {}
     for r in recs:
-        if r.get(metric) is not None and r[metric] > top:
+        if r.get(metric) is not None and r[metric] > top and (only is None or r["method"] in only):
             over.setdefault(r["method"], []).append(r[metric])
     x_left, x_right = ax.get_xlim()
     for k, (m, vs) in enumerate(over.items()):
@@ -185,24 +212,38 @@ def _clip_outliers(ax, recs: list[dict], metric: str, labels: dict, styles: dict
                     arrowprops={"arrowstyle": "-|>", "color": styles[m]["color"], "lw": 0.8})
 
 
+def by_family(records: Iterable[dict], task: str) -> bool:
+    """Whether a task's fronts figure is drawn one row of panels per family: when its records have the battery."""
+    return any(r["task"] == task and r.get("battery_acc") is not None for r in records)
+
+
 def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, reference: str = REFERENCE,
-                cap_ratio: float = CAP_RATIO) -> Path | None:  # fmt: skip
-    """Domain accuracy (x) against general perplexity (y) on one task, each row's front drawn as a line
-    through its sweep points (seed means, ±std both ways, labelled with the sweep value); a second
-    panel with KL to Base when the records have it. Base is a star, with the cap (Base PPL ×
-    cap_ratio) dashed and the reference's main accuracy dotted; a third panel sets KL (x) against perplexity
-    (y). None when the task has no record."""
+                cap_ratio: float = CAP_RATIO, families: bool | None = None,
+                metrics: Iterable[str] | None = None) -> Path | None:  # fmt: skip
+    """Domain accuracy (x) against general ability (y) on one task, each row's front drawn as a line
+    through its sweep points (seed means, ±std both ways, labelled with the sweep value). Base is a star,
+    with the cap (Base PPL × cap_ratio) dashed and the reference's main accuracy dotted.
+
+    Without the battery (default `families` False): a panel of general perplexity, a second with KL to
+    Base when the records have it, a third setting KL (x) against perplexity (y). With it (`families`
+    True): panels of perplexity, KL and the battery's mean (or `metrics`) in columns, one row of panels
+    per family of rows (the records' `family`: HLoRA and its variants, practical alternatives, WiSE-FT
+    curves), Base and, thin and grey, LoRA(μ) in every row. None when the task has no record."""
     records = list(records)
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
-    panels = [p for p in _FRONT_PANELS if all(any(r.get(m) is not None for r in recs) for m in p[:2])]
+    if by_family(recs, task) if families is None else families:
+        return _plot_fronts_by_family(records, recs, task, out_png, reference, cap_ratio, metrics)
+    names = general_names(recs, legacy=False)
+    axis = _axis_labels(names)
+    panels = [p for p in _FRONT_PANELS if all(any(r.get(m) is not None for r in recs) for m in p)]
     styles, labels = style(records), row_labels(records)
     fig = new_figure(5.2 * len(panels) + 0.6, 4.9)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     base, acc_ref = base_point(recs, task), reference_accuracy(recs, task, reference)
     handles: dict[str, Any] = {}
-    for ax, (xmetric, metric, xlabel, ylabel) in zip(axes, panels):
+    for ax, (xmetric, metric) in zip(axes, panels):
         for m in row_order(recs):
             pts = [p for p in front(recs, m, task) if p[metric] is not None and p[xmetric] is not None]
             if pts:
@@ -211,14 +252,74 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
         cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
         _guides(ax, cap, cap_ratio, acc_ref if xmetric == "acc" else None, labels.get(reference, reference), handles)
         _clip_outliers(ax, recs, metric, labels, styles, xmetric)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(axis[xmetric])
+        ax.set_ylabel(axis[metric])
         ax.grid(alpha=0.3)
         ax.margins(0.08)
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
                ncol=min(len(handles), 3 + len(panels)), frameon=False)  # fmt: skip
     fig.suptitle(f"{_tex_safe(task_label(task))}: domain gain vs general ability (↘ better; mean ± std over seeds)",
                  fontsize=10)  # fmt: skip
+    return save_png(fig, out_png)
+
+
+def _families(recs: list[dict]) -> dict[str, list[str]]:
+    """Rows per family (Base left out), the default families first in their fixed order, others as they come."""
+    fam: dict[str, list[str]] = {}
+    for m in row_order(recs):
+        if m != BASE:
+            f = next(r.get("family") or "alternatives" for r in recs if r["method"] == m)
+            fam.setdefault(f, []).append(m)
+    order = [f for f in _FAMILY_ORDER if f in fam] + [f for f in fam if f not in _FAMILY_ORDER]
+    return {f: fam[f] for f in order}
+
+
+def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out_png: str | Path, reference: str,
+                           cap_ratio: float, metrics: Iterable[str] | None) -> Path | None:  # fmt: skip
+    """The fronts figure with one row of panels per family (see `plot_fronts`)."""
+    names = general_names(recs, legacy=False)
+    axis = _axis_labels(names)
+    ys = [m for m in (metrics or _FAMILY_METRICS) if any(r.get(m) is not None for r in recs)]
+    fams = _families(recs)
+    if not ys or not fams:
+        return None
+    styles, labels = style(records), row_labels(records)
+    base, acc_ref = base_point(recs, task), reference_accuracy(recs, task, reference)
+    fronts = {m: front(recs, m, task) for m in row_order(recs)}
+    fig = new_figure(4.6 * len(ys) + 3.4, 3.5 * len(fams) + 1.0)
+    axes = fig.subplots(len(fams), len(ys), squeeze=False, sharex=True, sharey="col")
+    shared: dict[str, Any] = {}  # Base, LoRA(μ) as a reference, the guides: one legend under the figure
+    for i, (f, members) in enumerate(fams.items()):
+        own: dict[str, Any] = {}
+        drawn = set(members) | {BASE}
+        for j, metric in enumerate(ys):
+            ax = axes[i, j]
+            rows = [BASE] + ([PLAIN] if PLAIN in fronts and PLAIN not in members else []) + members
+            for m in rows:
+                pts = [p for p in fronts.get(m, []) if p[metric] is not None and p["acc"] is not None]
+                if not pts:
+                    continue
+                thin = m == PLAIN and m not in members
+                label = _front_label(labels[m], pts) + (" (grey reference)" if thin else "")
+                h = _draw_front(ax, pts, metric, styles[m], label, m == BASE, thin=thin)
+                (shared if m == BASE or thin else own).setdefault(label, h)
+            cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
+            _guides(ax, cap, cap_ratio, acc_ref, labels.get(reference, reference), shared)
+            if metric != "battery_acc":  # a broken model is an outlier upwards in PPL and KL only
+                _clip_outliers(ax, recs, metric, labels, styles, only=drawn)
+            ax.set_ylabel(axis[metric], fontsize=8.5)
+            ax.grid(alpha=0.3)
+            ax.margins(0.08)
+            if i == len(fams) - 1:
+                ax.set_xlabel(axis["acc"])
+            ax.tick_params(labelbottom=True)
+        axes[i, 0].set_title(_tex_safe(family_label(f)), loc="left", fontsize=10, fontweight="bold")
+        axes[i, -1].legend(list(own.values()), list(own), loc="upper left", bbox_to_anchor=(1.03, 1.0), fontsize=7.5,
+                           frameon=False, borderaxespad=0.0)  # fmt: skip
+    fig.legend(list(shared.values()), list(shared), loc="outside lower center", fontsize=8, ncol=min(len(shared), 4),
+               frameon=False)  # fmt: skip
+    fig.suptitle(f"{_tex_safe(task_label(task))}: domain gain vs general ability, one row per family (→ better; "
+                 "lower PPL and KL, higher battery better; mean ± std over seeds)", fontsize=10)  # fmt: skip
     return save_png(fig, out_png)
 
 
@@ -254,7 +355,8 @@ def _sweep_panel(ax, ax2, records: list[dict], m: str, param: str, legend: dict)
         h2 = ax2.errorbar(xs, [p["general_ppl"] for p in pts], yerr=[p["general_ppl_std"] or 0 for p in pts],
                           color=_PPL_C, marker=mk, ls="--", capsize=2, mfc="white")  # fmt: skip
         legend.setdefault(f"{_tex_safe(task_label(t))} accuracy % (left)", h1)
-        legend.setdefault(f"{_tex_safe(task_label(t))} general PPL (right)", h2)
+        ppl = _tex_safe(general_names(records, legacy=False)["ppl"])
+        legend.setdefault(f"{_tex_safe(task_label(t))} {ppl} (right)", h2)
     return values
 
 
@@ -279,7 +381,7 @@ def plot_sweeps(records: Iterable[dict], out_png: str | Path) -> Path | None:
             ax.set_xscale("log")
         ax.set_xlabel(f"{_param(param)}")
         ax.set_ylabel("accuracy % ↑", color=_ACC_C)
-        ax2.set_ylabel("general perplexity ↓", color=_PPL_C)
+        ax2.set_ylabel(f"{_tex_safe(general_names(records, legacy=False)['ppl'])} ↓", color=_PPL_C)
         ax.tick_params(axis="y", colors=_ACC_C)
         ax2.tick_params(axis="y", colors=_PPL_C)
         ax.grid(alpha=0.3)
@@ -287,7 +389,8 @@ def plot_sweeps(records: Iterable[dict], out_png: str | Path) -> Path | None:
     _hide_unused(axes, len(panels))
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 4),
                fontsize=8, frameon=False)  # fmt: skip
-    fig.suptitle("Sweeps: domain accuracy and general perplexity (mean ± std over seeds)", fontsize=11)
+    text = _tex_safe(general_names(records, legacy=False)["text"])
+    fig.suptitle(f"Sweeps: domain accuracy and {text} perplexity (mean ± std over seeds)", fontsize=11)
     return save_png(fig, out_png)
 
 
@@ -473,7 +576,7 @@ def plot_acc_vs_ppl(records: Iterable[dict], out_png: str | Path) -> Path | None
                             yerr=(c["acc_std"] or 0) * 100, color=st["color"], marker=st["marker"],
                             ms=13 if m == BASE else 7, mec="black", ls="none", capsize=3)  # fmt: skip
             legend.setdefault(_tex_safe(labels[m]), h)
-        ax.set_xlabel("general perplexity (lower is better)")
+        ax.set_xlabel(_axis_labels(general_names(records, legacy=False))["general_ppl"])
         ax.set_ylabel("accuracy % (higher is better)")
         ax.set_title(f"{_tex_safe(task_label(t))}   (↖ better)", fontsize=10)
         ax.grid(alpha=0.3)
@@ -481,5 +584,6 @@ def plot_acc_vs_ppl(records: Iterable[dict], out_png: str | Path) -> Path | None
     _hide_unused(axes, len(tasks))
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 5),
                fontsize=8, frameon=False)  # fmt: skip
-    fig.suptitle("Accuracy vs general perplexity: main cells, sweeps dashed (up-left is better)", fontsize=11)
+    text = _tex_safe(general_names(records, legacy=False)["text"])
+    fig.suptitle(f"Accuracy vs {text} perplexity: main cells, sweeps dashed (up-left is better)", fontsize=11)
     return save_png(fig, out_png)

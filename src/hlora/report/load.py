@@ -348,7 +348,8 @@ def general_names(records: Iterable[dict], legacy: bool = True) -> dict:
     """How tables and figures name the general measures of these records.
 
     `ppl` / `kl`: "C4 PPL" / "C4 KL" (the records' general_eval); "WikiText-2 PPL (stage ν's text)" where the
-    general text is the one stage ν trains on; texts joined by " / " when records differ. `nu_ppl`: the
+    general text is the one stage ν trains on; texts joined by " / " when records differ. `ppl_short`: the
+    perplexity's name without the note, for headers that quote it ("ΔWikiText-2 PPL"). `nu_ppl`: the
     label of a separate column for stage ν's own text (None when there is none, or when it is the general
     text itself). `battery`: whether some record has the battery. `named`: False for records that all
     predate named texts (record_version 1) when `legacy`: tables then keep their old headers ("PPL",
@@ -368,6 +369,7 @@ def general_names(records: Iterable[dict], legacy: bool = True) -> dict:
         "named": named,
         "text": text if named else "general",
         "ppl": (f"{text} PPL" + (" (stage ν's text)" if on_nu else "")) if named else "PPL",
+        "ppl_short": f"{text} PPL" if named else "PPL",  # inside other headers: "ΔC4 PPL", "cap = Base C4 PPL"
         "kl": f"{text} KL" if named else "KL",
         "on_nu": on_nu,
         "mixed": len(evals) > 1,

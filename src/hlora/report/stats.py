@@ -38,6 +38,8 @@ __all__ = [
     "seed_significance",
     "item_scores",
     "item_comparison",
+    "LETTER_TASKS",
+    "letter_analysis",
 ]
 
 CAP_RATIO = 1.02  # perplexity cap = Base perplexity + 2 %
@@ -87,7 +89,7 @@ def _stat(rs: Iterable[dict], metric: str) -> tuple[float | None, float | None]:
     return mean_std(vals) if vals else (None, None)
 
 
-_METRICS = ("general_ppl", "general_bpb", "acc", "acc_norm", "general_kl")
+_METRICS = ("general_ppl", "general_bpb", "acc", "acc_norm", "general_kl", "battery_acc", "nu_text_ppl")
 
 
 def aggregate(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
@@ -115,7 +117,7 @@ def front(records: Iterable[dict], method: str, task: str) -> list[dict]:
 
     Each point: {"sweep": (param, value) | None, "main": bool, "n", "seeds", "end" (True for a point
     made only of end cells borrowed from other rows), and mean/std of acc, acc_norm, general_ppl,
-    general_bpb, general_kl}.
+    general_bpb, general_kl, battery_acc, nu_text_ppl} (None where no record has the metric).
     """
     records = list(records)
     groups: dict[Any, list[dict]] = defaultdict(list)
@@ -218,14 +220,16 @@ def reference_accuracy(records: Iterable[dict], task: str, reference: str = REFE
     return float(np.mean(accs)) if accs else None
 
 
-def _reference_ppl(records: list[dict], task: str, reference: str, seed: int) -> float | None:
-    ppls = [r["general_ppl"] for r in main_cells(records)
-            if r["method"] == reference and r["task"] == task and r["seed"] == seed]  # fmt: skip
-    return float(np.mean(ppls)) if ppls else None
+def _reference_metric(records: list[dict], task: str, reference: str, seed: int,
+                      metric: str = "general_ppl") -> float | None:  # fmt: skip
+    vals = [r[metric] for r in main_cells(records)
+            if r["method"] == reference and r["task"] == task and r["seed"] == seed and r.get(metric) is not None]
+    return float(np.mean(vals)) if vals else None
 
 
-def paired_matched_test(records: Iterable[dict], method: str, task: str, reference: str = REFERENCE) -> dict:
-    """Paired t-test over seeds of the reference's perplexity against a row's, at matched accuracy.
+def paired_matched_test(records: Iterable[dict], method: str, task: str, reference: str = REFERENCE,
+                        metric: str = "general_ppl") -> dict:  # fmt: skip
+    """Paired t-test over seeds of the reference's perplexity (or `metric`) against a row's, at matched accuracy.
 
     Per seed: the reference row's main cell gives (acc_s, ppl_s); the row's perplexity is
     interpolated at acc_s on that seed's front of the row. Seeds where both exist enter a
@@ -237,9 +241,10 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
     a, b, seeds = [], [], []
     for s in ref_seeds:
         acc_s = reference_accuracy(records, task, reference, seed=s)
-        mine = interp_ppl_at_acc(seed_front(records, method, task, s), acc_s)
-        if mine is not None:
-            a.append(_reference_ppl(records, task, reference, s))
+        theirs = _reference_metric(records, task, reference, s, metric)
+        mine = interp_ppl_at_acc(seed_front(records, method, task, s, metric), acc_s)
+        if mine is not None and theirs is not None:
+            a.append(theirs)
             b.append(mine)
             seeds.append(s)
     diff = float(np.mean(np.subtract(a, b))) if a else math.nan
@@ -247,7 +252,7 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
     return {"diff": diff, "n": len(a), "t": t, "p": p, "seeds": seeds}
 
 
-_H2H_METRICS = ("acc", "general_ppl", "general_kl")
+_H2H_METRICS = ("acc", "general_ppl", "general_kl", "battery_acc", "nu_text_ppl")
 
 
 def head_to_head(records: Iterable[dict], task: str, reference: str = REFERENCE) -> dict:
@@ -256,7 +261,8 @@ def head_to_head(records: Iterable[dict], task: str, reference: str = REFERENCE)
     "At the same domain gain" without interpolation: where domain accuracy saturates, the accuracy
     at which `matched_summary` interpolates is itself noise. Here each point (one sweep value of a
     row) is set against the reference's main cell of the same seed: per metric (acc, general_ppl,
-    general_kl) the mean of row − reference over the seeds both have, and a paired t-test of the two
+    general_kl, battery_acc, nu_text_ppl) the mean of row − reference over the seeds both have, and a
+    paired t-test of the two
     (p is nan for fewer than two seeds). A point whose accuracy difference is small and not
     significant compares with the reference at equal domain gain. End points borrowed from other
     rows (WiSE-FT's α=0, 1) are left out: they are those rows' own points.
@@ -312,15 +318,21 @@ def _matched_row(records: list[dict], method: str, task: str, acc_ref: float | N
     pts = front(records, method, task)
     ppl_front, kl_front = front_xy(pts), front_xy(pts, "general_kl")
     row: dict[str, Any] = {"method": method, "points": len(pts), "ppl": None, "ppl_std": None, "ppl_n": 0,
-                           "kl": None, "acc_cap": None, "area": None}  # fmt: skip
+                           "kl": None, "acc_cap": None, "area": None, "battery": None, "nu_ppl": None}  # fmt: skip
     if acc_ref is not None:
         row["ppl"] = interp_ppl_at_acc(ppl_front, acc_ref)
         row["ppl_std"], row["ppl_n"] = _seed_interp_std(records, method, task, acc_ref)
         row["kl"] = interp_ppl_at_acc(kl_front, acc_ref)
+        row["battery"] = interp_ppl_at_acc(front_xy(pts, "battery_acc"), acc_ref)
+        row["nu_ppl"] = interp_ppl_at_acc(front_xy(pts, "nu_text_ppl"), acc_ref)
     if base is not None:
         row["acc_cap"] = acc_under_cap(ppl_front, base[1] * cap_ratio)
         row["area"] = dominated_area([(100 * a, p) for a, p in ppl_front], (100 * base[0], base[1]))
-    row["test"] = paired_matched_test(records, method, task, reference) if method != reference else None
+    mine = method != reference
+    row["test"] = paired_matched_test(records, method, task, reference) if mine else None
+    has_battery = any(p["battery_acc"] is not None for p in pts)
+    row["battery_test"] = (paired_matched_test(records, method, task, reference, "battery_acc")
+                           if mine and has_battery else None)  # fmt: skip
     return row
 
 
@@ -332,7 +344,9 @@ def matched_summary(records: Iterable[dict], task: str, reference: str = REFEREN
     the seed-mean front (None outside the front's range), "ppl_std" over the seeds whose own
     front reaches acc_ref ("ppl_n" of them), "acc_cap" = highest accuracy with perplexity ≤ Base
     × cap_ratio, "area" = dominated area vs Base in accuracy points × ppl, "test" = the paired
-    test of `paired_matched_test` (None for the reference row itself).
+    test of `paired_matched_test` (None for the reference row itself). With the battery: "battery" (mean
+    accuracy) at acc_ref and "battery_test", its paired test (reference − row); with stage ν's own text
+    beside the general one: "nu_ppl" at acc_ref.
     """
     records = [r for r in records if r["task"] == task]
     labels = row_labels(records)
@@ -479,3 +493,125 @@ def item_comparison(records: list[dict], a: str, b: str, task: str) -> dict | No
         return None
     t, p = ttest(xa, xb, paired=paired)
     return {"key": key, "a": xa, "b": xb, "paired": paired, "t": t, "p": p}
+
+
+# ----------------------------------------------------------------------------- answer letters
+
+LETTER_TASKS = {"medmcqa": "ABCD"}  # tasks whose choices are answer letters (lm-eval's MedMCQA prompt)
+PRIOR_P = 0.05  # predictions skewed: chi-square p of the letters against the gold letters below this
+
+
+def _letter_items(rec: dict, task: str) -> dict | None:
+    """pred / gold / ll of a record on a letter task: its own items when tuned on it, else its transfer entry."""
+    src = rec.get("per_item") if rec["task"] == task else (rec.get("transfer") or {}).get(task)
+    if not src or src.get("pred") is None or src.get("gold") is None:
+        return None
+    return src
+
+
+def _debiased(ll: list, k: int) -> list[int | None]:
+    """argmax_j (ll[i][j] − mean over i of ll[i][j]): each choice's log-likelihood less that letter's mean
+    over the model's items (items without a full row of k numbers give None and enter no mean)."""
+    ok = [x is not None and len(x) == k and all(v is not None for v in x) for x in ll]
+    if not any(ok):
+        return [None] * len(ll)
+    arr = np.array([x for x, good in zip(ll, ok) if good], dtype=float)
+    mean = arr.mean(axis=0)
+    out: list[int | None] = []
+    for x, good in zip(ll, ok):
+        out.append(int(np.argmax(np.asarray(x, dtype=float) - mean)) if good else None)
+    return out
+
+
+def _chisquare(obs: np.ndarray, gold: np.ndarray) -> tuple[float, float]:
+    """scipy.stats.chisquare of the predicted letters' counts against the gold letters' counts (same total).
+
+    Letters neither predicted nor gold drop out; a letter predicted but never gold makes the two
+    distributions incompatible: (inf, 0)."""
+    from scipy import stats
+
+    keep = (obs > 0) | (gold > 0)
+    obs, gold = obs[keep], gold[keep]
+    if obs.size < 2 or gold.sum() == 0:
+        return math.nan, math.nan
+    if np.any((gold == 0) & (obs > 0)):
+        return math.inf, 0.0
+    res = stats.chisquare(obs, gold * obs.sum() / gold.sum())
+    return float(res.statistic), float(res.pvalue)
+
+
+def _letter_row(rs: list[dict], task: str, k: int) -> dict | None:
+    pred_c, gold_c = np.zeros(k), np.zeros(k)
+    n = correct = n_deb = correct_deb = 0
+    for r in rs:
+        items = _letter_items(r, task)
+        if items is None:
+            continue
+        preds, golds = items["pred"], items["gold"]
+        deb = _debiased(items["ll"], k) if items.get("ll") is not None else [None] * len(golds)
+        for pr, g, d in zip(preds, golds, deb):
+            if pr is None or g is None or not (0 <= pr < k and 0 <= g < k):
+                continue
+            pred_c[int(pr)] += 1
+            gold_c[int(g)] += 1
+            n += 1
+            correct += int(pr == g)
+            if d is not None:
+                n_deb += 1
+                correct_deb += int(d == g)
+    if n == 0:
+        return None
+    chi2, p = _chisquare(pred_c, gold_c)
+    return {"n": n, "seeds": sorted({r["seed"] for r in rs}), "pred": (pred_c / n).tolist(),
+            "gold": (gold_c / n).tolist(), "acc": correct / n, "chi2": chi2, "p": p,
+            "debiased_acc": correct_deb / n_deb if n_deb else None, "n_debiased": n_deb}  # fmt: skip
+
+
+def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None = None) -> list[dict]:
+    """Which answer letter each row picks on a letter task (MedMCQA), and whether a loss there is a letter prior.
+
+    One block per (letter task, tuned task) with predictions recorded: the letter task itself as the tuned
+    task (its `per_item`) or as a transfer task (`transfer.<task>`). Per row, main cells with seeds pooled:
+    the share of predictions and of gold answers on each letter, accuracy, the chi-square test
+    (scipy.stats.chisquare) of the predicted letters' counts against the gold letters' counts, and the
+    *debiased accuracy*: per model (record), each choice's log-likelihood less that letter's mean
+    log-likelihood over the model's items, argmax again. Against Base in the same block, with
+    se = sqrt(b (1 − b) / n) of Base's accuracy b over its n items: a row *loses* when its accuracy is
+    below b − se; its debiased accuracy *recovers* when ≥ b − se; the loss is a *letter prior* when it
+    loses, its predictions differ from the gold letters (p < PRIOR_P) and the debiased accuracy recovers.
+
+    Returns [{"task", "tuned", "letters", "base": {"acc", "se"} | None, "rows": [{"method", "label", "n",
+    "seeds", "pred", "gold" (shares per letter), "acc", "chi2", "p", "debiased_acc", "lost", "recovers",
+    "prior"}]}]; lost/recovers/prior are None for Base and without Base.
+    """
+    letter_tasks = LETTER_TASKS if letter_tasks is None else letter_tasks
+    main = main_cells(records)
+    labels = row_labels(main)
+    blocks = []
+    for task, letters in letter_tasks.items():
+        k = len(letters)
+        for tuned in task_order(main):
+            rs = [r for r in main if r["task"] == tuned and _letter_items(r, task) is not None]
+            if not rs:
+                continue
+            rows = []
+            for m in row_order(rs):
+                row = _letter_row([r for r in rs if r["method"] == m], task, k)
+                if row is not None:
+                    rows.append({"method": m, "label": labels[m], **row})
+            base_row = next((r for r in rows if r["method"] == BASE), None)
+            base = None
+            if base_row is not None:
+                b = base_row["acc"]
+                base = {"acc": b, "se": math.sqrt(b * (1 - b) / base_row["n"])}
+            for row in rows:
+                row["lost"] = row["recovers"] = row["prior"] = None
+                if base is None or row["method"] == BASE:
+                    continue
+                level = base["acc"] - base["se"]
+                row["lost"] = row["acc"] < level
+                row["recovers"] = None if row["debiased_acc"] is None else row["debiased_acc"] >= level
+                skewed = not math.isnan(row["p"]) and row["p"] < PRIOR_P
+                row["prior"] = bool(row["lost"] and skewed and row["recovers"])
+            blocks.append({"task": task, "tuned": tuned, "letters": letters, "base": base, "rows": rows})
+    return blocks

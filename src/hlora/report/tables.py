@@ -4,6 +4,10 @@ Each table is a pure function of records or of a summary from `stats.py`. Conven
 mean ± sample std (ddof=1) over seeds, the std left out for one seed; accuracy is in percent in
 Markdown/LaTeX and a fraction in CSV; "—" marks a number that cannot be computed. Row names are the
 labels the runner wrote into the records.
+
+The general measures are named by their text ("C4 PPL", "WikiText-2 PPL (stage ν's text)": see
+`load.general_names`); columns for the battery and for stage ν's own text appear only when the records
+have them, and records that predate named texts keep the old headers ("PPL", "KL").
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .load import main_cells, row_labels, row_order, task_label, task_order
-from .stats import COST_FIELDS, aggregate, front, mean_std
+from .load import BASE, general_names, main_cells, row_labels, row_order, task_label, task_order
+from .stats import COST_FIELDS, PRIOR_P, aggregate, front, mean_std
 
 __all__ = [
     "ABLATION_METHODS",
@@ -39,6 +43,10 @@ __all__ = [
     "sweeps_across_tasks_markdown",
     "compute_markdown",
     "compute_csv",
+    "head_to_head_markdown",
+    "letter_markdown",
+    "letter_csv",
+    "measures_note",
 ]
 
 ABLATION_METHODS = ("hlora", "hlora_no_layer", "hlora_no_layer_element")  # row ids of the paper's Table 2
@@ -113,7 +121,7 @@ def results_grid(records: Iterable[dict], methods: Sequence[str] | None = None) 
     """Rows = methods (first appearance), columns = tasks; cells from `aggregate` (main cells only).
 
     `methods` restricts and orders the rows (the ablation table passes ABLATION_METHODS); absent
-    methods are dropped. Returns {"methods", "tasks", "cells", "labels"}.
+    methods are dropped. Returns {"methods", "tasks", "cells", "labels", "names" (`general_names`)}.
     """
     records = list(records)
     cells = aggregate(records)
@@ -122,30 +130,67 @@ def results_grid(records: Iterable[dict], methods: Sequence[str] | None = None) 
     if methods is not None:
         present = [m for m in methods if m in present]
     tasks = [t for t in task_order(main) if any((m, t) in cells for m in present)]
-    return {"methods": present, "tasks": tasks, "labels": row_labels(records),
+    return {"methods": present, "tasks": tasks, "labels": row_labels(records), "names": general_names(records),
             "cells": {k: v for k, v in cells.items() if k[0] in present}}  # fmt: skip
 
 
+def _grid_columns(grid: dict) -> list[tuple[str, str, str, float, Any]]:
+    """(metric, Markdown header, LaTeX header, scale, best) per column of a task: general PPL and accuracy,
+    then the battery's mean and stage ν's own text's PPL where the records have them."""
+    names = grid.get("names") or general_names([])
+    cols = [("general_ppl", f"{names['ppl']} ↓", _tex(names["ppl"]) + r"$\downarrow$", 1.0, min),
+            ("acc", "Acc % ↑", r"Acc$\uparrow$", 100.0, max)]  # fmt: skip
+    if names["battery"]:
+        cols.append(("battery_acc", "Battery % ↑", r"Battery$\uparrow$", 100.0, max))
+    if names["nu_ppl"]:
+        cols.append(("nu_text_ppl", f"{names['nu_ppl']} ↓", _tex(names["nu_ppl"]) + r"$\downarrow$", 1.0, None))
+    return cols
+
+
 def _best(grid: dict) -> set[tuple[str, str, str]]:
-    """(method, task, metric) of the best mean per column: lowest perplexity, highest accuracy."""
+    """(method, task, metric) of the best mean per column: lowest perplexity, highest accuracy (and battery)."""
     best: set[tuple[str, str, str]] = set()
     if len(grid["methods"]) < 2:
         return best
     for t in grid["tasks"]:
         col = {m: grid["cells"][(m, t)] for m in grid["methods"] if (m, t) in grid["cells"]}
-        for metric, pick in (("general_ppl", min), ("acc", max)):
-            vals = {m: c[metric] for m, c in col.items() if math.isfinite(c[metric])}
+        for metric, _, _, _, pick in _grid_columns(grid):
+            if pick is None:
+                continue
+            vals = {m: c[metric] for m, c in col.items() if c.get(metric) is not None and math.isfinite(c[metric])}
             if len(vals) >= 2:
                 target = pick(vals.values())
                 best |= {(m, t, metric) for m, v in vals.items() if v == target}
     return best
 
 
+def measures_note(names: dict) -> str:
+    """What the named general measures are (empty for records that predate named texts)."""
+    if not names["named"]:
+        return ""
+    if names["on_nu"]:
+        what = (f"{names['ppl']}: perplexity on {names['text']}, the text stage ν (and replay) train on: stage ν's "
+                "own distribution, not held out")
+    else:
+        what = f"{names['ppl']}: perplexity on {names['text']}, a text no stage trains on"
+    parts = [what, f"{names['kl']}: KL(p_base ‖ p_model) per token on that text"]
+    if names["nu_ppl"]:
+        parts.append(f"{names['nu_ppl']}: perplexity on {names['nu_text']}, the text stage ν (and replay) train on "
+                     "(stage ν's own distribution)")
+    if names["battery"]:
+        parts.append("Battery: unweighted mean zero-shot accuracy over the battery's tasks")
+    if names["mixed"]:
+        parts.append("the records measure general perplexity on different texts: compare only rows on the same one")
+    return "; ".join(parts) + "."
+
+
 def _seed_note(grid: dict) -> str:
     ns = sorted({c["n"] for c in grid["cells"].values()})
     if not ns:
         return "No cells."
-    tail = " Accuracy in %; PPL = general perplexity (held-out general text)."
+    names = grid.get("names") or general_names([])
+    tail = (" Accuracy in %; PPL = general perplexity (held-out general text)." if not names["named"]
+            else " Accuracy in %. " + measures_note(names))  # fmt: skip
     if len(ns) == 1:
         one = f"Mean ± sample std (ddof=1) over {ns[0]} seeds." if ns[0] > 1 else "One seed per cell (no std)."
         return one + tail
@@ -158,21 +203,22 @@ def _label(grid: dict, m: str) -> str:
 
 
 def grid_markdown(grid: dict, title: str | None = None) -> str:
-    """Markdown table: per task `PPL ↓` and `Acc % ↑`, best mean per column in bold."""
+    """Markdown table: per task `PPL ↓` and `Acc % ↑` (and the battery, stage ν's text), best mean per column
+    in bold."""
     best = _best(grid)
-    header = ["Method"] + [h for t in grid["tasks"] for h in (f"{task_label(t)} PPL ↓", f"{task_label(t)} Acc % ↑")]
+    cols = _grid_columns(grid)
+    header = ["Method"] + [f"{task_label(t)} {h}" for t in grid["tasks"] for _, h, _, _, _ in cols]
     rows = []
     for m in grid["methods"]:
         row = [_md_escape(_label(grid, m))]
         for t in grid["tasks"]:
             c = grid["cells"].get((m, t))
             if c is None:
-                row += ["—", "—"]
+                row += ["—"] * len(cols)
                 continue
-            ppl = _fmt(c["general_ppl"], c["general_ppl_std"])
-            acc = _fmt(c["acc"], c["acc_std"], scale=100.0)
-            row += [f"**{ppl}**" if (m, t, "general_ppl") in best else ppl,
-                    f"**{acc}**" if (m, t, "acc") in best else acc]  # fmt: skip
+            for metric, _, _, scale, _ in cols:
+                v = _fmt(c.get(metric), c.get(metric + "_std"), scale=scale)
+                row.append(f"**{v}**" if (m, t, metric) in best else v)
         rows.append(row)
     lines = [f"### {title}", ""] if title else []
     lines += _md_table(header, rows) + ["", _seed_note(grid)]
@@ -183,46 +229,51 @@ _GRID_METRICS = ("general_ppl", "general_bpb", "acc", "acc_norm")
 
 
 def grid_csv(grid: dict) -> str:
-    """Wide CSV, one row per method; per task n, PPL, bits per byte, acc and acc_norm (fractions)."""
+    """Wide CSV, one row per method; per task n, PPL, bits per byte, acc and acc_norm (fractions), and the
+    battery's mean and stage ν's own text's PPL where the records have them."""
+    names = grid.get("names") or general_names([])
+    metrics = _GRID_METRICS + ("battery_acc",) * names["battery"] + ("nu_text_ppl",) * bool(names["nu_ppl"])
     cols = ["method", "label"]
     for t in grid["tasks"]:
-        cols += [f"{t}_n"] + [f"{t}_{metric}_{s}" for metric in _GRID_METRICS for s in ("mean", "std")]
+        cols += [f"{t}_n"] + [f"{t}_{metric}_{s}" for metric in metrics for s in ("mean", "std")]
     rows = []
     for m in grid["methods"]:
         row: list[Any] = [m, _label(grid, m)]
         for t in grid["tasks"]:
             c = grid["cells"].get((m, t))
             if c is None:
-                row += [""] * (1 + 2 * len(_GRID_METRICS))
+                row += [""] * (1 + 2 * len(metrics))
                 continue
-            row += [c["n"]] + [_num(c[metric + sfx]) for metric in _GRID_METRICS for sfx in ("", "_std")]
+            row += [c["n"]] + [_num(c.get(metric + sfx)) for metric in metrics for sfx in ("", "_std")]
         rows.append(row)
     return _csv(cols, rows)
 
 
 def grid_latex(grid: dict, caption: str, label: str) -> str:
-    """A booktabs table with the paper's layout: a column pair (PPL, Acc) per task.
+    """A booktabs table with the paper's layout: a column group (PPL, Acc, and the battery and stage ν's text
+    where present) per task.
 
     `caption` is LaTeX source (not escaped); labels and task names are escaped."""
     best = _best(grid)
-    nt = len(grid["tasks"])
+    cols = _grid_columns(grid)
+    nt, k = len(grid["tasks"]), len(cols)
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}", rf"\label{{{label}}}",
-             r"\begin{tabular}{l" + " cc" * nt + "}", r"\toprule"]  # fmt: skip
+             r"\begin{tabular}{l" + (" " + "c" * k) * nt + "}", r"\toprule"]  # fmt: skip
     if nt:
-        lines.append(" & " + " & ".join(rf"\multicolumn{{2}}{{c}}{{{_tex(task_label(t))}}}" for t in grid["tasks"])
+        lines.append(" & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{_tex(task_label(t))}}}" for t in grid["tasks"])
                      + r" \\")  # fmt: skip
-        lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}" for i in range(nt)))
-    lines += ["Method" + r" & PPL$\downarrow$ & Acc$\uparrow$" * nt + r" \\", r"\midrule"]
+        lines.append("".join(rf"\cmidrule(lr){{{2 + k * i}-{1 + k * (i + 1)}}}" for i in range(nt)))
+    lines += ["Method" + "".join(" & " + tex for _, _, tex, _, _ in cols) * nt + r" \\", r"\midrule"]
     for m in grid["methods"]:
         row = [_tex(_label(grid, m))]
         for t in grid["tasks"]:
             c = grid["cells"].get((m, t))
             if c is None:
-                row += ["--", "--"]
+                row += ["--"] * k
                 continue
-            for metric, scale in (("general_ppl", 1.0), ("acc", 100.0)):
-                s = _fmt(c[metric], c[metric + "_std"], scale=scale, pm=r"$\pm$")
-                row.append(rf"\textbf{{{s}}}" if (m, t, metric) in best else s)
+            for metric, _, _, scale, _ in cols:
+                v = _fmt(c.get(metric), c.get(metric + "_std"), scale=scale, pm=r"$\pm$")
+                row.append(rf"\textbf{{{v}}}" if (m, t, metric) in best else v)
         lines.append(" & ".join(row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -328,15 +379,17 @@ def complexity_latex(comp: dict, caption: str, label: str) -> str:
 
 # ----------------------------------------------------------------------------- significance over seeds
 
-def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None, method: str = "hlora") -> str:
-    """Welch t-tests of `stats.seed_significance` as a Markdown table."""
+def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None, method: str = "hlora",
+                          names: dict | None = None) -> str:  # fmt: skip
+    """Welch t-tests of `stats.seed_significance` as a Markdown table (`names`: `load.general_names`)."""
     labels = labels or {}
+    ppl = (names or general_names([]))["ppl_short"]
     me = labels.get(method, method)
     if not rows:
         return f"No seed-level test: {me} and the others need ≥ 2 seeds per task.\n"
-    lines = [f"Welch t-tests over seeds of the main cells, {me} minus the other method (ΔPPL < 0 and "
+    lines = [f"Welch t-tests over seeds of the main cells, {me} minus the other method (Δ{ppl} < 0 and "
              "ΔAcc > 0 favour it); p two-sided, n/a where both sides have zero variance.", ""]  # fmt: skip
-    lines += _md_table(["Task", "vs", "n", "ΔPPL", "p (PPL)", "ΔAcc (points)", "p (Acc)"],
+    lines += _md_table(["Task", "vs", "n", f"Δ{ppl}", f"p ({ppl})", "ΔAcc (points)", "p (Acc)"],
                        [[_md_escape(task_label(r["task"])), _md_escape(labels.get(r["other"], r["other"])),
                          f"{r['n']} vs {r['n_other']}", f"{r['general_ppl_diff']:+.3f}", _fmt_p(r["general_ppl_p"]),
                          f"{100 * r['acc_diff']:+.2f}", _fmt_p(r["acc_p"])] for r in rows])  # fmt: skip
@@ -355,7 +408,7 @@ def item_tests_markdown(comps: dict[str, dict], labels: dict[str, str], a: str, 
 
 # ----------------------------------------------------------------------------- matched accuracy
 
-def _matched_cells(s: dict, row: dict) -> list[str]:
+def _matched_cells(s: dict, row: dict, names: dict) -> list[str]:
     """Display cells of one row of the matched-accuracy table (plain text, Markdown-safe)."""
     t = row["test"]
     # ppl_n counts the seeds whose own front reaches acc*: none can while the seed-mean front does
@@ -364,55 +417,93 @@ def _matched_cells(s: dict, row: dict) -> list[str]:
     ppl = _fmt(row["ppl"], row["ppl_std"]) + seeds
     kl = "—" if row["kl"] is None else f"{row['kl']:.4f}"
     test = ["—", "—", "—"] if t is None or t["n"] == 0 else [f"{t['diff']:+.3f}", str(t["n"]), _fmt_p(t["p"])]
-    return [str(row["points"]), ppl, kl, _fmt(row["acc_cap"], None, 100.0), _fmt(row["area"], None)] + test
+    cells = [str(row["points"]), ppl, kl, _fmt(row["acc_cap"], None, 100.0), _fmt(row["area"], None)] + test
+    if names["battery"]:
+        bt = row.get("battery_test")
+        cells += [_fmt(row.get("battery"), None, 100.0),
+                  "—" if bt is None or bt["n"] == 0 else _delta(bt["diff"], bt["p"], 100.0) + f", n {bt['n']}"]
+    if names["nu_ppl"]:
+        cells.append(_fmt(row.get("nu_ppl"), None))
+    return cells
 
 
-def _matched_title(s: dict, labels_ref: str) -> str:
+def _matched_title(s: dict, labels_ref: str, names: dict) -> str:
     acc = "—" if s["acc_ref"] is None else f"{100 * s['acc_ref']:.2f} %"
     cap = "—" if s["cap"] is None else f"{s['cap']:.3f}"
-    cap_text = f"cap = Base PPL × {s['cap_ratio']:g} = {cap}"
+    cap_text = f"cap = Base {names['ppl_short']} × {s['cap_ratio']:g} = {cap}"
     return f"{task_label(s['task'])}: at {labels_ref}'s accuracy acc* = {acc}; {cap_text}"
 
 
-_MATCHED_HEADER = ["Method", "Points", "PPL @ acc* ↓", "KL @ acc* ↓", "Acc % under cap ↑",
-                   "Dominated area ↑ (acc points × PPL)", "ΔPPL ref − row (paired)", "n", "p"]  # fmt: skip
+def _matched_header(names: dict) -> list[str]:
+    ppl, kl, short = names["ppl"], names["kl"], names["ppl_short"]
+    header = ["Method", "Points", f"{ppl} @ acc* ↓", f"{kl} @ acc* ↓", "Acc % under cap ↑",
+              f"Dominated area ↑ (acc points × {short})", f"Δ{short} ref − row (paired)", "n", "p"]  # fmt: skip
+    if names["battery"]:
+        header += ["Battery % @ acc* ↑", "ΔBattery pts ref − row (p), n"]
+    if names["nu_ppl"]:
+        header.append(f"{names['nu_ppl']} @ acc* ↓")
+    return header
 
 
-def matched_markdown(summaries: Sequence[dict]) -> str:
-    """The matched-accuracy table, one block per task (summaries from `stats.matched_summary`)."""
+def matched_markdown(summaries: Sequence[dict], names: dict | None = None) -> str:
+    """The matched-accuracy table, one block per task (summaries from `stats.matched_summary`; `names` from
+    `load.general_names`: the text the perplexity is on, and whether to show the battery's columns)."""
+    names = names or general_names([])
     lines = []
     for s in summaries:
         ref = next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
-        lines += [f"#### {_matched_title(s, ref)}", ""]
-        lines += _md_table(_MATCHED_HEADER, [[_md_escape(r["label"])] + _matched_cells(s, r) for r in s["rows"]])
+        lines += [f"#### {_matched_title(s, ref, names)}", ""]
+        lines += _md_table(_matched_header(names),
+                           [[_md_escape(r["label"])] + _matched_cells(s, r, names) for r in s["rows"]])
         lines.append("")
-    lines += ["PPL and KL are interpolated linearly along each row's seed-mean front (its sweep points sorted "
+    ppl, kl = names["ppl_short"], names["kl"]
+    lines += [f"{ppl} and {kl} are interpolated linearly along each row's seed-mean front (its sweep points sorted "
               "by accuracy) at acc*, — where acc* lies outside the front; ± is the std over the seeds (in "
               "brackets) whose own front reaches acc*. Acc under cap: highest accuracy along the front with "
-              "PPL ≤ the cap. "
-              "Dominated area: the region of the (accuracy points, PPL) plane between Base and the row's points "
-              "that beat Base in both. ΔPPL: the reference's main PPL minus the row's PPL at the reference's "
+              f"{ppl} ≤ the cap. "
+              f"Dominated area: the region of the (accuracy points, {ppl}) plane between Base and the row's points "
+              f"that beat Base in both. Δ{ppl}: the reference's main {ppl} minus the row's {ppl} at the reference's "
               "accuracy, seed by seed (negative favours the reference), paired t-test over those seeds."]  # fmt: skip
+    if names["battery"]:
+        lines[-1] += (" Battery: the battery's mean accuracy, interpolated the same way; ΔBattery: the reference's "
+                      "main battery accuracy minus the row's at the reference's accuracy, seed by seed (positive "
+                      "favours the reference), p of the paired t-test over those seeds.")
+    if names["named"]:
+        lines[-1] += " " + measures_note(names)
     return "\n".join(lines) + "\n"
 
 
-def matched_csv(summaries: Sequence[dict]) -> str:
+def matched_csv(summaries: Sequence[dict], names: dict | None = None) -> str:
+    names = names or general_names([])
     header = ["task", "method", "label", "points", "acc_ref", "ppl", "ppl_std", "ppl_n", "kl", "cap",
               "acc_under_cap", "dominated_area_accpts_x_ppl", "paired_diff", "paired_n", "paired_p"]  # fmt: skip
+    if names["battery"]:
+        header += ["battery_acc", "battery_paired_diff", "battery_paired_n", "battery_paired_p"]
+    if names["nu_ppl"]:
+        header.append("nu_text_ppl")
     rows = []
     for s in summaries:
         for r in s["rows"]:
             t = r["test"] or {"diff": None, "n": "", "p": None}
-            rows.append([s["task"], r["method"], r["label"], r["points"], _num(s["acc_ref"]), _num(r["ppl"]),
-                         _num(r["ppl_std"]), r["ppl_n"], _num(r["kl"]), _num(s["cap"]), _num(r["acc_cap"]),
-                         _num(r["area"]), _num(t["diff"]), t["n"], _num(t["p"])])  # fmt: skip
+            row = [s["task"], r["method"], r["label"], r["points"], _num(s["acc_ref"]), _num(r["ppl"]),
+                   _num(r["ppl_std"]), r["ppl_n"], _num(r["kl"]), _num(s["cap"]), _num(r["acc_cap"]),
+                   _num(r["area"]), _num(t["diff"]), t["n"], _num(t["p"])]  # fmt: skip
+            if names["battery"]:
+                bt = r.get("battery_test") or {"diff": None, "n": "", "p": None}
+                row += [_num(r.get("battery")), _num(bt["diff"]), bt["n"], _num(bt["p"])]
+            if names["nu_ppl"]:
+                row.append(_num(r.get("nu_ppl")))
+            rows.append(row)
     return _csv(header, rows)
 
 
-def matched_latex(s: dict, label: str) -> str:
+def matched_latex(s: dict, label: str, names: dict | None = None) -> str:
+    names = names or general_names([])
     ref = next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
-    rows = [[_tex(r["label"])] + [_tex(c) for c in _matched_cells(s, r)] for r in s["rows"]]
-    return _latex_table([_tex(h) for h in _MATCHED_HEADER], rows, _tex(_matched_title(s, ref)), label, "l" + "r" * 8)
+    rows = [[_tex(r["label"])] + [_tex(c) for c in _matched_cells(s, r, names)] for r in s["rows"]]
+    header = _matched_header(names)
+    return _latex_table([_tex(h) for h in header], rows, _tex(_matched_title(s, ref, names)), label,
+                        "l" + "r" * (len(header) - 1))
 
 
 # ----------------------------------------------------------------------------- cross-task retention
@@ -496,10 +587,11 @@ def compute_csv(rows: Sequence[dict]) -> str:
 
 def front_points_markdown(records: Iterable[dict], task: str) -> str:
     """Every row's front on one task, a line per row: its sweep values and, per point, the seed means of
-    domain accuracy, general perplexity and KL to Base (the numbers behind fronts_<task>.png)."""
+    domain accuracy, general perplexity and KL to Base (and the battery's mean and stage ν's text's
+    perplexity where measured): the numbers behind fronts_<task>.png."""
     records = list(records)
     recs = [r for r in records if r["task"] == task]
-    labels = row_labels(records)
+    labels, names = row_labels(records), general_names(records)
     rows = []
     for m in row_order(recs):
         pts = [p for p in front(recs, m, task) if p["n"]]
@@ -511,19 +603,29 @@ def front_points_markdown(records: Iterable[dict], task: str) -> str:
         seeds = sorted({s for p in own for s in p["seeds"]})
 
         def col(metric, scale=1.0, digits=2):
-            return " / ".join("—" if p[metric] is None else f"{scale * p[metric]:.{digits}f}" for p in own)
+            return " / ".join("—" if p.get(metric) is None else f"{scale * p[metric]:.{digits}f}" for p in own)
 
-        rows.append([name, col("acc", 100.0, 1), col("general_ppl"), col("general_kl", digits=3),
-                     ",".join(map(str, seeds))])
-    return "\n".join(_md_table(["Row (sweep)", "Acc %", "PPL ↓", "KL to Base ↓", "seeds"], rows)) + "\n"
+        row = [name, col("acc", 100.0, 1), col("general_ppl"), col("general_kl", digits=3)]
+        if names["battery"]:
+            row.append(col("battery_acc", 100.0, 1))
+        if names["nu_ppl"]:
+            row.append(col("nu_text_ppl"))
+        rows.append(row + [",".join(map(str, seeds))])
+    header = ["Row (sweep)", "Acc %", f"{names['ppl']} ↓", f"{names['kl']} to Base ↓"]
+    header += ["Battery % ↑"] * names["battery"] + [f"{names['nu_ppl']} ↓"] * bool(names["nu_ppl"]) + ["seeds"]
+    return "\n".join(_md_table(header, rows)) + "\n"
 
 
 def sweeps_across_tasks_markdown(records: Iterable[dict]) -> str:
     """Each row swept (two or more values) and run on two or more tasks: one line per sweep value, its
-    seed means (acc, PPL, KL to Base) on every task side by side, so one can see whether a single value
-    (φ, λ, ...) is best everywhere. Empty when no row has a sweep on two tasks."""
+    seed means (acc, PPL, KL to Base, and the battery's mean where measured) on every task side by side, so
+    one can see whether a single value (φ, λ, ...) is best everywhere. Empty when no row has a sweep on two
+    tasks."""
     records = list(records)
-    labels, tasks = row_labels(records), task_order(records)
+    labels, tasks, names = row_labels(records), task_order(records), general_names(records)
+    metrics = [("Acc %", "acc", 100.0, 1), (f"{names['ppl']} ↓", "general_ppl", 1.0, 2),
+               (f"{names['kl']} ↓", "general_kl", 1.0, 3)]
+    metrics += [("Battery % ↑", "battery_acc", 100.0, 1)] * names["battery"]
     blocks = []
     for m in row_order(records):
         fronts = {t: [p for p in front(records, m, t) if p["n"] and not p["end"] and p["sweep"]] for t in tasks}
@@ -532,14 +634,14 @@ def sweeps_across_tasks_markdown(records: Iterable[dict]) -> str:
             continue  # on one task only, or never swept (one value of its parameter everywhere)
         param = next(iter(fronts.values()))[0]["sweep"][0]
         values = sorted({p["sweep"][1] for f in fronts.values() for p in f})
-        header = [param] + [f"{task_label(t)} {c}" for t in fronts for c in ("Acc %", "PPL ↓", "KL ↓")]
+        header = [param] + [f"{task_label(t)} {c}" for t in fronts for c, _, _, _ in metrics]
         rows = []
         for v in values:
             row = [f"{v:g}"]
             for f in fronts.values():
                 p = next((p for p in f if p["sweep"] == (param, v)), None)
-                row += ["—"] * 3 if p is None else [_fmt(p["acc"], None, 100.0, 1), _fmt(p["general_ppl"], None),
-                                                    _fmt(p["general_kl"], None, digits=3)]  # fmt: skip
+                row += (["—"] * len(metrics) if p is None
+                        else [_fmt(p.get(k), None, scale, digits) for _, k, scale, digits in metrics])  # fmt: skip
             rows.append(row)
         blocks += [f"#### {_md_escape(labels.get(m, m))} over {param}", ""] + _md_table(header, rows) + [""]
     if not blocks:
@@ -558,26 +660,117 @@ def _delta(d: float | None, p: float, scale: float = 1.0, digits: int = 2) -> st
     return f"{v:+.{digits}f} ({_fmt_p(p)})"
 
 
-def head_to_head_markdown(h: dict) -> str:
+def head_to_head_markdown(h: dict, names: dict | None = None) -> str:
     """One task's head-to-head table (from `stats.head_to_head`): every front point against the
-    reference's main cell, differences row − reference with paired p-values over seeds."""
+    reference's main cell, differences row − reference with paired p-values over seeds (`names`:
+    `load.general_names`, naming the text and adding the battery's and stage ν's text's columns)."""
+    names = names or general_names([])
     ref_label = next((r["label"] for r in h["rows"] if r["method"] == h["reference"] and r["main"]), h["reference"])
     rows = []
     for r in h["rows"]:
         point = "main" if r["sweep"] is None else f"{r['sweep'][0]} = {r['sweep'][1]:g}"
         if r["method"] == h["reference"] and r["main"]:
             point += " (reference)"
-        rows.append([_md_escape(r["label"]), point, _fmt(r["acc"], None, 100.0, 1), _delta(r["d_acc"], r["p_acc"], 100.0, 1),
-                     _fmt(r["general_ppl"], None), _delta(r["d_general_ppl"], r["p_general_ppl"]),
-                     _fmt(r["general_kl"], None, digits=3), _delta(r["d_general_kl"], r["p_general_kl"], digits=3),
-                     ",".join(map(str, r["seeds"]))])  # fmt: skip
-    header = ["Row", "Point", "Acc %", "ΔAcc pts (p)", "PPL ↓", "ΔPPL (p)", "KL to Base ↓", "ΔKL (p)", "seeds"]
+        row = [_md_escape(r["label"]), point, _fmt(r["acc"], None, 100.0, 1),
+               _delta(r["d_acc"], r["p_acc"], 100.0, 1), _fmt(r["general_ppl"], None),
+               _delta(r["d_general_ppl"], r["p_general_ppl"]), _fmt(r["general_kl"], None, digits=3),
+               _delta(r["d_general_kl"], r["p_general_kl"], digits=3)]  # fmt: skip
+        if names["battery"]:
+            row += [_fmt(r.get("battery_acc"), None, 100.0, 1),
+                    _delta(r.get("d_battery_acc"), r.get("p_battery_acc", math.nan), 100.0, 1)]
+        if names["nu_ppl"]:
+            row += [_fmt(r.get("nu_text_ppl"), None), _delta(r.get("d_nu_text_ppl"), r.get("p_nu_text_ppl", math.nan))]
+        rows.append(row + [",".join(map(str, r["seeds"]))])
+    ppl, kl, short = names["ppl"], names["kl"], names["ppl_short"]
+    header = ["Row", "Point", "Acc %", "ΔAcc pts (p)", f"{ppl} ↓", f"Δ{short} (p)", f"{kl} to Base ↓",
+              f"Δ{kl} (p)"]
+    if names["battery"]:
+        header += ["Battery % ↑", "ΔBattery pts (p)"]
+    if names["nu_ppl"]:
+        header += [f"{names['nu_ppl']} ↓", "Δ (p)"]
+    header.append("seeds")
     ref = h["ref"]
+    extra = f", battery {_fmt(ref.get('battery_acc'), None, 100.0, 1)} %" if names["battery"] else ""
     lines = [f"#### {task_label(h['task'])}: every point against {ref_label}'s main cell "
-             f"(acc {_fmt(ref['acc'], None, 100.0, 1)} %, PPL {_fmt(ref['general_ppl'], None)}, "
-             f"KL {_fmt(ref['general_kl'], None, digits=3)}; seeds {','.join(map(str, h['ref_seeds']))})", ""]
+             f"(acc {_fmt(ref['acc'], None, 100.0, 1)} %, {short} {_fmt(ref['general_ppl'], None)}, "
+             f"{kl} {_fmt(ref['general_kl'], None, digits=3)}{extra}; seeds {','.join(map(str, h['ref_seeds']))})", ""]
     lines += _md_table(header, rows)
-    lines += ["", "Δ = row − reference, mean over the seeds both have (paired by seed); p: paired t-test over those "
-              "seeds (n/a with one seed). Negative ΔPPL / ΔKL favour the row; a small ΔAcc with a large p means "
-              "the two are at the same domain gain."]  # fmt: skip
+    note = ("Δ = row − reference, mean over the seeds both have (paired by seed); p: paired t-test over those "
+            f"seeds (n/a with one seed). Negative Δ{short} / Δ{kl} favour the row; a small ΔAcc with a large p "
+            "means the two are at the same domain gain.")  # fmt: skip
+    if names["battery"]:
+        note += " Positive ΔBattery favours the row."
+    lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- answer letters
+
+def _shares(v: Sequence[float]) -> str:
+    return " / ".join(f"{100 * x:.0f}" for x in v)
+
+
+def _chi2(row: dict) -> str:
+    if math.isnan(row["p"]):
+        return "n/a"
+    stat = "∞" if math.isinf(row["chi2"]) else f"{row['chi2']:.1f}"
+    return f"{stat} ({_fmt_p(row['p'])})"
+
+
+def _verdict(block: dict, row: dict) -> str:
+    if block["base"] is None:
+        return "— (no Base)"
+    if row["method"] == BASE:
+        return "reference"
+    if not row["lost"]:
+        return "no loss"
+    if row["prior"]:
+        return "yes: letter prior"
+    if not row["recovers"]:
+        return "no: debiased acc stays below Base"
+    return f"no: letters as gold (p ≥ {PRIOR_P:g})"
+
+
+def letter_markdown(blocks: Sequence[dict]) -> str:
+    """The answer-letter analysis (blocks from `stats.letter_analysis`): per row, which letter it picks
+    against the gold letters, accuracy, the chi-square test, the debiased accuracy and the verdict."""
+    lines = []
+    for b in blocks:
+        t, letters = task_label(b["task"]), " / ".join(b["letters"])
+        where = f"tuned on {t}" if b["tuned"] == b["task"] else f"as a transfer task, tuned on {task_label(b['tuned'])}"
+        base = "" if b["base"] is None else f"; Base {100 * b['base']['acc']:.1f} % ± {100 * b['base']['se']:.1f} (se)"
+        lines += [f"#### {t} answer letters, {where}{base}", ""]
+        header = ["Row", "Items (seeds)", f"Predicted {letters} %", f"Gold {letters} %", "Acc %",
+                  "χ² pred vs gold (p)", "Debiased acc %", "Loss = letter prior?"]  # fmt: skip
+        rows = [[_md_escape(r["label"]), f"{r['n']} ({','.join(map(str, r['seeds']))})", _shares(r["pred"]),
+                 _shares(r["gold"]), f"{100 * r['acc']:.1f}", _chi2(r), _fmt(r["debiased_acc"], None, 100.0, 1),
+                 _verdict(b, r)] for r in b["rows"]]  # fmt: skip
+        lines += _md_table(header, rows) + [""]
+    if not blocks:
+        return ""
+    lines.append(
+        "Main cells, items pooled over seeds. Predicted / Gold: share of items whose predicted / gold answer is each "
+        "letter. χ²: scipy.stats.chisquare of the predicted letters' counts against the gold letters' counts "
+        "(∞, p 0: a letter predicted that is never gold). Debiased acc: for each model (cell), each choice's "
+        "log-likelihood less that letter's mean log-likelihood over the model's items, argmax again; it removes a "
+        "preference for a letter whatever the question. The rule: a row *loses* when its accuracy is below Base's "
+        "by more than one standard error of Base's accuracy (se = √(b(1−b)/n)); the loss is a *letter prior* when "
+        f"its predictions differ from the gold letters (χ² p < {PRIOR_P:g}) and its debiased accuracy is back at "
+        "Base's level (≥ Base − se): the knowledge is there and only the letter the model favours moved. A loss "
+        "whose debiased accuracy stays below Base's is lost knowledge (or more than a letter prior).")
+    return "\n".join(lines) + "\n"
+
+
+def letter_csv(blocks: Sequence[dict]) -> str:
+    header = ["task", "tuned_task", "method", "label", "n", "letters", "pred_shares", "gold_shares", "acc", "chi2",
+              "chi2_p", "debiased_acc", "base_acc", "base_se", "lost", "recovers", "letter_prior"]  # fmt: skip
+    rows = []
+    for b in blocks:
+        base = b["base"] or {"acc": None, "se": None}
+        for r in b["rows"]:
+            rows.append([b["task"], b["tuned"], r["method"], r["label"], r["n"], b["letters"],
+                         " ".join(_num(x) for x in r["pred"]), " ".join(_num(x) for x in r["gold"]), _num(r["acc"]),
+                         _num(r["chi2"]), _num(r["p"]), _num(r["debiased_acc"]), _num(base["acc"]), _num(base["se"]),
+                         "" if r["lost"] is None else r["lost"], "" if r["recovers"] is None else r["recovers"],
+                         "" if r["prior"] is None else r["prior"]])  # fmt: skip
+    return _csv(header, rows)
