@@ -332,7 +332,7 @@ def _cli(tmp_path, data, *extra):
 
 
 def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
-    rc = _cli(tmp_path, data, "--method", "auto", "--allow", "kl_general",
+    rc = _cli(tmp_path, data, "tune.start={kl_general: 0.3}", "--method", "auto", "--allow", "kl_general",
               "--budget", f"text:{data}/general.jsonl_kl=0.5")
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -340,6 +340,7 @@ def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
     assert [c["label"] for c in rec["candidates"]] == ["none", "kl_general"]
     kl = rec["candidates"][1]
     assert kl["steered"] and kl["dual"]["coefficient"] == "beta" and len(kl["dual"]["trace"]) == 3
+    assert kl["dual"]["trace"][0]["value"] == 0.3  # tune.start
     w = rec["winner"]
     assert w["label"] in ("none", "kl_general") and 0 < w["alpha"] <= 1
     assert w["validation"]["forgetting"] <= 0.5 and "forgetting" in w["test"] and "domain_acc" in w["test"]

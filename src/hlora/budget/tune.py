@@ -41,6 +41,8 @@ class TuneOptions:
     allow: list[str] = field(default_factory=lambda: list(STEERABLE))  # the regularisers `auto` tries
     dual: bool = True  # steer the method's coefficient during training (false: train at its config value)
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
+    start: dict = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
+    # else dual.start, else the method's config value
 
 
 @dataclass
@@ -62,9 +64,9 @@ def _check(cfg: TuneConfig) -> None:
     cfg.dual.check()
     if cfg.tune.method not in CHOICES:
         raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(CHOICES)}")
-    bad = [m for m in cfg.tune.allow if m not in STEERABLE]
+    bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in STEERABLE]
     if bad:
-        raise ConfigError(f"tune.allow: {bad[0]!r} cannot be steered; allowed: {', '.join(STEERABLE)}")
+        raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(STEERABLE)}")
 
 
 def _candidates(cfg: TuneConfig) -> list[tuple[str, str, bool]]:
@@ -172,7 +174,8 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         elif name != "hlora" and cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
         rc = _run_config(cfg, **changes)
-        ctrl = DualController(make_proxy(b, gen_val, cfg.dual, seq_len), b.limit, cfg.dual) if steered else None
+        dcfg = dataclasses.replace(cfg.dual, start=float(cfg.tune.start.get(name, cfg.dual.start)))
+        ctrl = DualController(make_proxy(b, gen_val, dcfg, seq_len), b.limit, dcfg) if steered else None
         echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
         run, reused = _stage(rc, "domain", [ctrl] if ctrl else [])
         steps, train_s = _steps(run)
@@ -221,13 +224,14 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         "candidates": [{k: v for k, v in r.items() if k != "_result"} for r in candidates],
         "winner": None,
     }
+    test_seconds = 0.0
     if winner is not None:
         res = winner["_result"]
         alpha = res.chosen.alpha
         model = load_adapter(load_model(cfg.model)[0], Path(winner["run"]) / "adapter")
         tester = Measurer(b, gen_test, dom_test, tok, batch_size=ecfg.batch_size, window=ecfg.ppl_window).attach(model)
         test = tester.measure(alpha)
-        evaluations += 1
+        evaluations, test_seconds = evaluations + 1, test.seconds
         _scaled_adapter(model, alpha, out / "adapter")
         record["winner"] = {"label": winner["label"], "method": winner["method"], "alpha": alpha,
                             "adapter": "adapter", "source_adapter": str(Path(winner["run"]) / "adapter"),
@@ -242,7 +246,10 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
                       "runs_equivalent": round(train_steps / one_run, 3) if one_run else None,
                       "evaluations": evaluations,
                       "dual_measurements": sum(len((r.get("dual") or {}).get("trace", [])) for r in candidates),
-                      "train_seconds": round(train_seconds, 3), "seconds": round(seconds, 3)}
+                      "train_seconds": round(train_seconds, 3),
+                      "eval_seconds": round(sum(p.seconds for r in candidates for p in r["_result"].points[1:])
+                                            + (base_point.seconds if base_point else 0.0) + test_seconds, 3),
+                      "seconds": round(seconds, 3)}
     record["config"] = to_dict(cfg)
     write_json(out / "tune.json", record)
     if winner is None:
