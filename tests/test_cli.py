@@ -58,7 +58,7 @@ def _bad_mcq(tmp_path, text):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--tasks", "sqiq"], "did you mean 'sciq'"),
+        (["--tasks", "scienceq"], "did you mean 'sciq'"),
         (["--tasks", "mcq:/nonexistent/x.jsonl"], "not found"),
         (["--tasks", "BAD_MALFORMED"], "bad.jsonl:2: malformed JSON"),
         (["--tasks", "BAD_FIELD"], "bad.jsonl:1: missing field"),
@@ -119,14 +119,24 @@ def test_bench_runs_and_reports_ratios(tmp_path, embedded_data, capsys):
     assert main(["bench", "--model", "tiny-llama", "--steps", "4", "--rounds", "2", "--no-lmeval",
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    for key in ("si_overhead", "penalty_overhead", "fisher_over_si", "matmul_peak_fraction"):
-        assert all(v > 0 for v in res[key].values()), key  # ratios (1.0 = no overhead), not "ratio - 1"
-    assert set(res["si_overhead"]) == {"paper", "exact"}
-    assert set(res["penalty_overhead"]) == {"hlora", "ewc", "kl_domain", "kl_general", "replay"}
-    assert 0 < res["storage_ratio_half"] < res["storage_ratio_fp32"] < 1
-    assert res["train_tokens_per_s"] > 0 and res["eval_tokens_per_s"] > 0
+    assert set(res["settings"]) == {"paper", "all-linear"}  # both settings by default
+    assert res["settings"]["paper"]["lora_targets"] == ["q_proj", "v_proj"] and res["settings"]["paper"]["r"] == 8
+    assert res["settings"]["all-linear"]["r"] == 16 and len(res["settings"]["all-linear"]["lora_targets"]) == 7
+    for s in res["settings"].values():
+        for key in ("si_overhead", "penalty_overhead", "fisher_over_si", "matmul_peak_fraction"):
+            assert all(v > 0 for v in s[key].values()), key  # ratios (1.0 = no overhead), not "ratio - 1"
+        assert set(s["si_overhead"]) == {"paper", "exact"}
+        assert set(s["penalty_overhead"]) == {"hlora", "ewc", "kl_domain", "kl_general", "replay"}
+        assert 0 < s["storage_ratio_half"] < s["storage_ratio_fp32"] < 1
+        assert 0 < s["details"]["storage"]["bf16_max_relative_error"] <= 2.0**-8
+        assert s["memory"]["measured"] == s["memory"]["planned"]  # the memory plan, on the real objects
+        assert s["train_tokens_per_s"] > 0
+    paper, every = res["settings"]["paper"], res["settings"]["all-linear"]
+    assert paper["storage_ratio_fp32"] < every["storage_ratio_fp32"]
+    assert res["eval_tokens_per_s"] > 0 and res["matmul_peak_fraction"]["eval"] > 0
     assert res["eval_speedup_vs_lmeval"] == {"skipped": "--no-lmeval"}
     assert "SI recording overhead" in capsys.readouterr().out
     assert main(["bench", "--table", str(out)]) == 0  # the README's table, from the JSON alone
     table = capsys.readouterr().out
     assert "| `si_overhead` | paper |" in table and "| `storage_ratio_half` |" in table and "tiny-llama" in table
+    assert "| q,v r=8 | all linear r=16 |" in table

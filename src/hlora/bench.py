@@ -1,16 +1,21 @@
-"""`hlora bench`: the performance targets of docs/design.md section 9, measured as ratios within one run.
+"""`hlora bench`: the performance targets of docs/design.md, measured as ratios within one run, in both LoRA settings.
 
-    hlora bench --model smollm2-135m --json benchmarks/results/smollm2-cpu.json
+    hlora bench --model smollm2-135m --json benchmarks/results/bench-smollm2-cpu.json      # both settings
+    hlora bench --memory-plan --model-config smollm2-135m,llama-3-8b,qwen2.5-7b           # memory from configs
 
-Every ratio compares variants measured in the same process on the same batches. Training variants are
-interleaved round by round (plain step, +SI recording, +each method's per-step work) and summarised by the
-median, so a noisy machine slows all of them alike; overheads are ratios to the plain PEFT LoRA step
-(1.0 = no overhead). Nothing here asserts a threshold: it prints what it measured beside the target.
+Settings (`--setting paper|all-linear|both`, default both; `--targets/--r` for another): "paper" is the paper's q,v
+at r=8, "all-linear" every linear module of the blocks at r=16 (what the comparisons train). Every ratio compares
+variants measured in the same process on the same batches. Training variants are interleaved round by round (plain
+step, +SI recording, +each method's per-step work) and summarised by the median, so a noisy machine slows all of
+them alike; overheads are ratios to the plain PEFT LoRA step of the same setting (1.0 = no overhead). Nothing here
+asserts a threshold: it prints what it measured beside the target.
 
-Keys of the JSON: si_overhead {paper, exact}, penalty_overhead {hlora, ewc, kl_domain, kl_general, replay},
-fisher_over_si, storage_ratio_fp32, storage_ratio_half, eval_speedup_vs_lmeval {sciq, piqa} (from
-benchmarks/lmeval_parity.py, which runs lm-evaluation-harness in its own venv), train_tokens_per_s,
-eval_tokens_per_s, matmul_peak_fraction {train, eval}, and the raw seconds behind each.
+Keys of the JSON: settings {<setting>: {lora_targets, r, si_overhead {paper, exact}, penalty_overhead {hlora,
+ewc, kl_domain, kl_general, replay}, fisher_over_si, storage_ratio_fp32, storage_ratio_half (Ω in bf16),
+train_tokens_per_s, matmul_peak_fraction {train}, memory {plan, measured}, details}}; and once (no adapter):
+eval_speedup_vs_lmeval {sciq, piqa} (from benchmarks/lmeval_parity.py, which runs lm-evaluation-harness in its
+own venv), eval_tokens_per_s, matmul_peak_fraction {eval}. Older JSONs (one setting, q,v r=8, keys at the top)
+still render with --table.
 """
 from __future__ import annotations
 
@@ -44,6 +49,38 @@ def _targets(model_name: str) -> list[str]:
     from .tiny import TINY_TARGETS
 
     return TINY_TARGETS.get(model_name, ["q_proj", "v_proj"])
+
+
+SETTINGS = ("paper", "all-linear")
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """Names (last component) of every linear module inside the transformer blocks, in model order."""
+    from .lora import block_index
+
+    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if block_index(n) >= 0 and "lora_" not in n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")]
+    return list(dict.fromkeys(names))
+
+
+def lora_settings(model_name: str, setting: str = "both", targets: list[str] | None = None,
+                  r: int | None = None) -> dict[str, tuple[list[str], int]]:
+    """{setting: (LoRA targets, r)}: 'paper' (q,v r=8; a tiny model's attention projection), 'all-linear' (every
+    linear module of the blocks, r=16), both; or one 'custom' setting from `targets` / `r`."""
+    if targets or r:
+        return {"custom": (list(targets or _targets(model_name)), int(r or 8))}
+    names = SETTINGS if setting in (None, "both") else (setting,)
+    out = {}
+    for name in names:
+        if name == "paper":
+            out[name] = (_targets(model_name), 8)
+        elif name == "all-linear":
+            from .model import load_model
+
+            out[name] = (_all_linear(load_model(ModelConfig(name=model_name))[0]), 16)
+        else:
+            raise ValueError(f"setting must be paper, all-linear or both; got {name!r}")
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -117,9 +154,12 @@ def _batches(model_name: str, tok, batch_size: int, seq_len: int, vocab: int, de
 
 
 def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_len: int = 128, rounds: int = 5,
-                   fisher_examples: int = 64) -> dict:
-    """Seconds per training step of each variant (median over interleaved rounds), the SI recorder's own time,
-    and the EWC Fisher pass on the tokens of `fisher_examples` sequences."""
+                   fisher_examples: int = 64, targets: list[str] | None = None, r: int = 8) -> dict:
+    """Seconds per training step of each variant (median over interleaved rounds) with LoRA on `targets` at rank
+    `r`, the SI recorder's own time, the EWC Fisher pass on the tokens of `fisher_examples` sequences, and the bytes
+    the recorder and the penalties hold (memory.held_bytes) beside the memory plan's count."""
+    from .memory import held_bytes
+    from .memory import plan as memory_plan
     from .importance import Importance
     from .methods import StageContext, build_method
     from .methods.ewc import EWCPenalty, fisher_diagonal
@@ -128,17 +168,18 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     from .si import SIRecorder
 
     base, tok, _ = load_model(ModelConfig(name=model_name))
-    model = attach_lora(base, LoraConfig(targets=_targets(model_name)))
+    targets = list(targets or _targets(model_name))
+    model = attach_lora(base, LoraConfig(targets=targets, r=r))
     model.train()
     dev = model_device(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     domain, general = _batches(model_name, tok, batch_size, seq_len, vocab, dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with torch.no_grad():  # nonzero B so that ΔW and the penalties are not trivially zero
-        for r in lora_modules(model):
-            r.B.normal_(0, 1e-3)
+        for ref in lora_modules(model):
+            ref.B.normal_(0, 1e-3)
     g = torch.Generator().manual_seed(0)
-    omega = {r.name: torch.rand(r.base_weight.shape, generator=g) for r in lora_modules(model)}
+    omega = {ref.name: torch.rand(ref.base_weight.shape, generator=g) for ref in lora_modules(model)}
     hl = HLoRAPenalty(model, Importance(omega, metadata={"kind": "si"}), reference="current", phi=1e-3)
     ewc = EWCPenalty(model, omega, lam=0.5)
     run = RunConfig(train=TrainConfig(batch_size=batch_size, seq_len=seq_len))
@@ -179,6 +220,25 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     med = {k: statistics.median(x) for k, x in times.items()}
     rec_step = {k: statistics.median(x) for k, x in recorder_per_step.items()}
 
+    # What the recorder (after two steps) and the penalties (after the timed steps) hold, against the plan.
+    measured = {"hlora_penalty": held_bytes(hl), "ewc_penalty": held_bytes(ewc)}
+    for grad in ("paper", "exact"):
+        v = _Variant(f"si_{grad}", make_recorder=lambda m, grad=grad: SIRecorder(m, grad=grad))
+        with v.active(model):
+            for _ in range(2):
+                _step(model, opt, domain, v)
+            measured[f"recorder_{grad}"] = held_bytes(v.recorder)
+    wdt = str(next(base.parameters()).dtype).removeprefix("torch.")
+    try:
+        plans = {grad: memory_plan(base.config, targets, r, dtype=wdt, grad=grad, device=dev.type)
+                 for grad in ("paper", "exact")}
+        planned = {"recorder_paper": plans["paper"]["recorder"]["held_bytes"],
+                   "recorder_exact": plans["exact"]["recorder"]["held_bytes"],
+                   "hlora_penalty": plans["paper"]["hlora_penalty"]["held_bytes"],
+                   "ewc_penalty": plans["paper"]["ewc_penalty"]["held_bytes"]}
+    except ValueError as e:  # an architecture the plan does not know
+        plans, planned = {"paper": {"error": str(e)}}, {k: None for k in measured}
+
     # The Fisher EWC-LoRA needs, on the tokens of `fisher_examples` sequences, against the recorder's time over
     # a stage ν on the same tokens (fisher_examples / batch_size steps).
     fisher_batches = [general] * max(1, math.ceil(fisher_examples / batch_size))
@@ -190,38 +250,46 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     nu_steps = fisher_examples / batch_size
     si_added = {k: v * nu_steps for k, v in rec_step.items()}
     return {
-        "model": model_name, "device": str(dev), "batch_size": batch_size, "seq_len": seq_len, "rounds": rounds,
-        "steps_per_round": per_round, "step_seconds": med,
+        "model": model_name, "lora_targets": targets, "r": r, "device": str(dev), "batch_size": batch_size,
+        "seq_len": seq_len, "rounds": rounds, "steps_per_round": per_round, "step_seconds": med,
         "si_overhead": {"paper": med["si_paper"] / med["lora"], "exact": med["si_exact"] / med["lora"]},
         "penalty_overhead": {k: med[k] / med["lora"] for k in ("hlora", "ewc", "kl_domain", "kl_general", "replay")},
         "si_recorder_seconds_per_step": rec_step,
         "fisher_seconds": fisher_s, "fisher_examples": fisher_examples, "si_added_seconds_same_tokens": si_added,
         "fisher_over_si": {k.removeprefix("si_"): fisher_s / v if v > 0 else math.inf for k, v in si_added.items()},
         "train_tokens_per_s": batch_size * seq_len / med["lora"],
+        "memory": {"measured": measured, "planned": planned, "plan": plans["paper"]},
     }
 
 
 # ------------------------------------------------------------------------------------------- storage
 
 
-def bench_storage(model_name: str) -> dict:
-    """Bytes of the importance file as `hlora general` writes it (fp32 and fp16 Ω, no ΔW^ν copy) against a
-    diagonal Fisher of the whole model in fp32."""
+def bench_storage(model_name: str, targets: list[str] | None = None, r: int = 8) -> dict:
+    """Bytes of the importance file as `hlora general` writes it (no ΔW^ν copy: it is the adapter) with Ω in fp32
+    and in bf16, against a diagonal Fisher of the whole model in fp32; and the largest relative change bf16 makes
+    to an Ω spanning e^±40 (bound: 2⁻⁸, round to nearest with 8 significant bits, fp32's exponent range)."""
+    from .importance import Importance
     from .model import attach_lora, load_model
-    from .si import SIRecorder
 
     base, _, _ = load_model(ModelConfig(name=model_name))
     n_params = sum(p.numel() for p in base.parameters())
-    model = attach_lora(base, LoraConfig(targets=_targets(model_name)))
-    imp = SIRecorder(model).importance()
-    out = {"model": model_name, "full_fisher_bytes": 4 * n_params}
+    model = attach_lora(base, LoraConfig(targets=list(targets or _targets(model_name)), r=r))
+    g = torch.Generator().manual_seed(0)
+    omega = {ref.name: torch.randn(ref.base_weight.shape, generator=g).mul_(8.0).exp_() for ref in lora_modules(model)}
+    imp = Importance(omega, metadata={"kind": "si"})
+    out = {"model": model_name, "full_fisher_bytes": 4 * n_params, "half_dtype": "bfloat16",
+           "omega_elements": sum(t.numel() for t in omega.values())}
     with tempfile.TemporaryDirectory() as d:
-        for dt in ("float32", "float16"):
+        for dt in ("float32", "bfloat16"):
             p = Path(d) / f"imp-{dt}.safetensors"
             imp.save(p, dtype=dt, reference=False)
             out[f"importance_bytes_{dt}"] = p.stat().st_size
+        back = Importance.load(Path(d) / "imp-bfloat16.safetensors")
+        out["bf16_max_relative_error"] = max(float(((back.omega[n] - t).abs() / t).max()) for n, t in omega.items())
+    out["bf16_error_bound"] = 2.0**-8
     out["storage_ratio_fp32"] = out["importance_bytes_float32"] / out["full_fisher_bytes"]
-    out["storage_ratio_half"] = out["importance_bytes_float16"] / out["full_fisher_bytes"]
+    out["storage_ratio_half"] = out["importance_bytes_bfloat16"] / out["full_fisher_bytes"]
     return out
 
 
@@ -267,11 +335,12 @@ def _mm_rate(shapes: list[tuple[int, int]], rows: int, device, repeats: int = 3)
     return flops / best
 
 
-def bench_throughput(model_name: str, train_step_seconds: float, batch_size: int, seq_len: int,
+def bench_throughput(model_name: str, train_step_seconds: dict[str, float], batch_size: int, seq_len: int,
                      eval_batch: int = 8, eval_len: int = 512) -> dict:
-    """Training and evaluation FLOP/s (matmul FLOPs of the model's shapes) over plain torch.mm's FLOP/s on the
-    same shapes in this run. A LoRA step on frozen weights runs each base matmul twice (forward, and backward
-    for the input gradient; no weight gradient) and attention three times; evaluation runs them once."""
+    """Training (per setting: {setting: seconds of its plain LoRA step}) and evaluation FLOP/s (matmul FLOPs of the
+    model's shapes) over plain torch.mm's FLOP/s on the same shapes in this run. A LoRA step on frozen weights runs
+    each base matmul twice (forward, and backward for the input gradient; no weight gradient) and attention three
+    times; evaluation runs them once. The adapter's own (rank-r) FLOPs are not counted."""
     from .model import load_model
 
     model, _, _ = load_model(ModelConfig(name=model_name))
@@ -296,9 +365,10 @@ def bench_throughput(model_name: str, train_step_seconds: float, batch_size: int
     mm_eval = _mm_rate(shapes, eval_batch * eval_len, dev)
     return {
         "eval_tokens_per_s": eval_batch * eval_len / eval_s,
-        "train_flops_per_s": train_flops / train_step_seconds, "eval_flops_per_s": eval_flops / eval_s,
+        "train_flops_per_s": {k: train_flops / v for k, v in train_step_seconds.items()},
+        "eval_flops_per_s": eval_flops / eval_s,
         "mm_flops_per_s": {"train_shapes": mm_train, "eval_shapes": mm_eval},
-        "matmul_peak_fraction": {"train": train_flops / train_step_seconds / mm_train,
+        "matmul_peak_fraction": {"train": {k: train_flops / v / mm_train for k, v in train_step_seconds.items()},
                                  "eval": eval_flops / eval_s / mm_eval},
         "flops_per_token": {"linear_forward": lin, "train": train_flops / (batch_size * seq_len),
                             "eval": eval_flops / (eval_batch * eval_len)},
@@ -347,24 +417,58 @@ def _machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def run(model_name: str, steps: int = 20, rounds: int = 5, lmeval: bool = True, lmeval_limit: int = 100) -> dict:
+def run(model_name: str, steps: int = 20, rounds: int = 5, lmeval: bool = True, lmeval_limit: int = 100,
+        setting: str = "both", targets: list[str] | None = None, r: int | None = None) -> dict:
     t0 = time.perf_counter()
-    tr = bench_training(model_name, steps=steps, rounds=rounds)
-    st = bench_storage(model_name)
-    th = bench_throughput(model_name, tr["step_seconds"]["lora"], tr["batch_size"], tr["seq_len"])
+    per: dict[str, dict] = {}
+    for name, (tg, rank) in lora_settings(model_name, setting, targets, r).items():
+        tr = bench_training(model_name, steps=steps, rounds=rounds, targets=tg, r=rank)
+        st = bench_storage(model_name, targets=tg, r=rank)
+        mem = tr.pop("memory")
+        per[name] = {
+            "lora_targets": tg, "r": rank, "si_overhead": tr["si_overhead"], "penalty_overhead": tr["penalty_overhead"],
+            "fisher_over_si": tr["fisher_over_si"],
+            "storage_ratio_fp32": st["storage_ratio_fp32"], "storage_ratio_half": st["storage_ratio_half"],
+            "train_tokens_per_s": tr["train_tokens_per_s"], "memory": mem,
+            "details": {"training": tr, "storage": st},
+        }
+    first = next(iter(per.values()))["details"]["training"]
+    th = bench_throughput(model_name, {k: v["details"]["training"]["step_seconds"]["lora"] for k, v in per.items()},
+                          first["batch_size"], first["seq_len"])
+    for k, v in per.items():
+        v["matmul_peak_fraction"] = {"train": th["matmul_peak_fraction"]["train"][k]}
     ev = bench_eval_vs_lmeval(limit=lmeval_limit) if lmeval else {"skipped": "--no-lmeval"}
     res = {
-        "model": model_name, "machine": _machine(), "targets": TARGETS,
-        "si_overhead": tr["si_overhead"], "penalty_overhead": tr["penalty_overhead"],
-        "fisher_over_si": tr["fisher_over_si"],
-        "storage_ratio_fp32": st["storage_ratio_fp32"], "storage_ratio_half": st["storage_ratio_half"],
-        "eval_speedup_vs_lmeval": ev,
-        "train_tokens_per_s": tr["train_tokens_per_s"], "eval_tokens_per_s": th["eval_tokens_per_s"],
-        "matmul_peak_fraction": th["matmul_peak_fraction"],
-        "details": {"training": tr, "storage": st, "throughput": th},
+        "model": model_name, "machine": _machine(), "targets": TARGETS, "settings": per,
+        "eval_speedup_vs_lmeval": ev, "eval_tokens_per_s": th["eval_tokens_per_s"],
+        "matmul_peak_fraction": {"eval": th["matmul_peak_fraction"]["eval"]},
+        "details": {"throughput": th},
     }
     res["wall_seconds"] = time.perf_counter() - t0
     return res
+
+
+def _per_setting(res: dict) -> dict[str, dict]:
+    """The per-setting results of a bench JSON; an older JSON (one setting, keys at the top) is q,v r=8."""
+    if "settings" in res:
+        return res["settings"]
+    old = {k: res[k] for k in ("si_overhead", "penalty_overhead", "fisher_over_si", "storage_ratio_fp32",
+                               "storage_ratio_half", "train_tokens_per_s") if k in res}
+    old["matmul_peak_fraction"] = {"train": res["matmul_peak_fraction"]["train"]}
+    return {"paper": {"lora_targets": ["q_proj", "v_proj"], "r": 8, **old}}
+
+
+def _eval_fraction(res: dict) -> float:
+    return res["matmul_peak_fraction"]["eval"]
+
+
+def _label(name: str, s: dict) -> str:
+    what = "all linear" if name == "all-linear" else ",".join(t.removesuffix("_proj") for t in s["lora_targets"])
+    return f"{what} r={s['r']}"
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB"
 
 
 def summary(res: dict) -> str:
@@ -372,18 +476,29 @@ def summary(res: dict) -> str:
     ev = res["eval_speedup_vs_lmeval"]
     evs = ", ".join(f"{t} {v['ratio']:.2f}x (acc {v['acc']})" if "ratio" in v else f"{t} skipped"
                     for t, v in ev.items() if isinstance(v, dict)) or "skipped"
-    return "\n".join([
-        f"hlora bench: {res['model']} on {res['machine']['cpu']} ({res['machine']['torch_threads']} threads), "
-        f"{res['wall_seconds']:.0f} s",
-        f"  SI recording overhead (step ratio)   {f(res['si_overhead'])}   target {TARGETS['si_overhead']}",
-        f"  per-step method overhead             {f(res['penalty_overhead'])}   target {TARGETS['penalty_overhead']}",
-        f"  EWC Fisher / SI added time           {f(res['fisher_over_si'])}   target {TARGETS['fisher_over_si']}",
-        f"  storage vs full fp32 Fisher          fp32 {res['storage_ratio_fp32']:.4f}, half {res['storage_ratio_half']:.4f}"
-        f"   target {TARGETS['storage_ratio_fp32']} / {TARGETS['storage_ratio_half']}",
-        f"  evaluation speed-up vs lm-eval       {evs}   target {TARGETS['eval_speedup_vs_lmeval']}",
-        f"  tokens/s                             train {res['train_tokens_per_s']:.0f}, eval {res['eval_tokens_per_s']:.0f}",
-        f"  matmul peak fraction                 {f(res['matmul_peak_fraction'])}   target {TARGETS['matmul_peak_fraction']}",
-    ])
+    lines = [f"hlora bench: {res['model']} on {res['machine']['cpu']} ({res['machine']['torch_threads']} threads), "
+             f"{res['wall_seconds']:.0f} s"]
+    for name, s in _per_setting(res).items():
+        lines += [
+            f" {name}: LoRA on {_label(name, s)}",
+            f"  SI recording overhead (step ratio)   {f(s['si_overhead'])}   target {TARGETS['si_overhead']}",
+            f"  per-step method overhead             {f(s['penalty_overhead'])}   target {TARGETS['penalty_overhead']}",
+            f"  EWC Fisher / SI added time           {f(s['fisher_over_si'])}   target {TARGETS['fisher_over_si']}",
+            f"  storage vs full fp32 Fisher          Ω fp32 {s['storage_ratio_fp32']:.4f}, Ω bf16 "
+            f"{s['storage_ratio_half']:.4f}   target {TARGETS['storage_ratio_fp32']} / {TARGETS['storage_ratio_half']}",
+            f"  train tokens/s, matmul peak fraction {s['train_tokens_per_s']:.0f}, "
+            f"{s['matmul_peak_fraction']['train']:.3f}   target {TARGETS['matmul_peak_fraction']}",
+        ]
+        mem = s.get("memory")
+        if mem:
+            lines.append("  held bytes (measured / planned)      " + ", ".join(
+                f"{k} {_mib(v)} / {_mib(mem['planned'][k]) if mem['planned'][k] is not None else '?'}"
+                for k, v in mem["measured"].items()))
+    lines += [f" evaluation (no adapter)",
+              f"  evaluation speed-up vs lm-eval       {evs}   target {TARGETS['eval_speedup_vs_lmeval']}",
+              f"  eval tokens/s, matmul peak fraction  {res['eval_tokens_per_s']:.0f}, {_eval_fraction(res):.3f}"
+              f"   target {TARGETS['matmul_peak_fraction']}"]
+    return "\n".join(lines)
 
 
 def _meets(value: float, target: str) -> str:
@@ -392,48 +507,71 @@ def _meets(value: float, target: str) -> str:
     return "yes" if ok else "**no**"
 
 
+def _cell(value: float, target: str | None) -> str:
+    if value is None:
+        return ""
+    if target is None:
+        return f"{value:.0f}" if value >= 100 else f"{value:.3f}"
+    return f"{value:.3f}" if _meets(value, target) == "yes" else f"**{value:.3f}** (no)"
+
+
 def markdown_table(res: dict) -> str:
-    """The README's table of a bench JSON: every ratio beside its target, and the machine it ran on."""
+    """The results' tables of a bench JSON: every ratio beside its target, one column per LoRA setting (a miss in
+    bold), then the evaluation's (no adapter), and the machine it ran on."""
     m = res["machine"]
-    rows = ["| key | variant | measured | target | met |", "|---|---|---:|---|---|"]
+    per = _per_setting(res)
+    rows = ["| key | variant | target | " + " | ".join(_label(n, s) for n, s in per.items()) + " |",
+            "|---|---|---|" + "---:|" * len(per)]
 
-    def add(key, variant, value):
-        target = TARGETS.get(key)
-        met = _meets(value, target) if target else ""
-        rows.append(f"| `{key}` | {variant} | {value:.3f} | {target or ''} | {met} |")
+    def add(key, variant, values, target_key=None):
+        target = TARGETS.get(target_key or key)
+        rows.append(f"| `{key}` | {variant} | {target or ''} | " + " | ".join(_cell(v, target) for v in values) + " |")
 
-    for key in ("si_overhead", "penalty_overhead", "fisher_over_si", "matmul_peak_fraction"):
-        for variant, value in res[key].items():
-            add(key, variant, value)
+    first = next(iter(per.values()))
+    for key in ("si_overhead", "penalty_overhead", "fisher_over_si"):
+        for variant in first[key]:
+            add(key, variant, [s[key].get(variant) for s in per.values()])
     for key in ("storage_ratio_fp32", "storage_ratio_half"):
-        add(key, "", res[key])
-    ev = res["eval_speedup_vs_lmeval"]
-    for task, v in ev.items():
+        add(key, "Ω fp32" if key.endswith("fp32") else "Ω half", [s[key] for s in per.values()])
+    add("matmul_peak_fraction", "train", [s["matmul_peak_fraction"]["train"] for s in per.values()])
+    add("train_tokens_per_s", "", [s["train_tokens_per_s"] for s in per.values()])
+    ev_rows = ["| key | variant | target | measured |", "|---|---|---|---:|",
+               f"| `matmul_peak_fraction` | eval | {TARGETS['matmul_peak_fraction']} | "
+               f"{_cell(_eval_fraction(res), TARGETS['matmul_peak_fraction'])} |"]
+    for task, v in res["eval_speedup_vs_lmeval"].items():
         if isinstance(v, dict) and "ratio" in v:
-            add("eval_speedup_vs_lmeval", f"{task} ({v['items']} items, acc {v['acc']['hlora']:.3f} = "
-                f"{v['acc']['lm_eval']:.3f})", v["ratio"])
-    rows.append(f"| `train_tokens_per_s` | | {res['train_tokens_per_s']:.0f} | | |")
-    rows.append(f"| `eval_tokens_per_s` | | {res['eval_tokens_per_s']:.0f} | | |")
+            ev_rows.append(f"| `eval_speedup_vs_lmeval` | {task} ({v['items']} items, acc {v['acc']['hlora']:.3f} = "
+                           f"{v['acc']['lm_eval']:.3f}) | {TARGETS['eval_speedup_vs_lmeval']} | "
+                           f"{_cell(v['ratio'], TARGETS['eval_speedup_vs_lmeval'])} |")
+    ev_rows.append(f"| `eval_tokens_per_s` | | | {res['eval_tokens_per_s']:.0f} |")
     cuda = m.get("cuda") or "no GPU"
     head = (f"`hlora bench --model {res['model']}` on {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch "
             f"threads), {cuda}, torch {m['torch']}; {res['wall_seconds'] / 60:.1f} min.")
-    return head + "\n\n" + "\n".join(rows)
+    return head + "\n\n" + "\n".join(rows) + "\n\n" + "\n".join(ev_rows)
 
 
 def main(args) -> dict:
     from .files import write_json
 
+    if getattr(args, "memory_plan", False):  # from the model's config alone, measures nothing
+        from .memory import main as plan_main
+
+        return plan_main(args)
     if getattr(args, "table", None):  # render a committed JSON, measure nothing
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return {}
 
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if getattr(args, "targets", None) else None
     res = run(args.model, steps=args.steps, rounds=args.rounds, lmeval=not args.no_lmeval,
-              lmeval_limit=args.lmeval_limit)
+              lmeval_limit=args.lmeval_limit, setting=getattr(args, "setting", "both"), targets=targets,
+              r=getattr(args, "r", None))
     print(summary(res))
     if args.json:
         write_json(args.json, res)
         print(f"wrote {args.json}")
     return res
+
+
 # ---------------------------------------------------------------- cost of a full-model Fisher
 
 

@@ -211,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lmeval-limit", type=int, default=100, help="items per task for the lm-eval comparison")
     b.add_argument("--json", "--out", dest="json", help="write the numbers here (JSON)")
     b.add_argument("--table", metavar="JSON", help="print the markdown table of a bench JSON (measures nothing)")
+    b.add_argument("--setting", choices=("paper", "all-linear", "both"), default="both",
+                   help="LoRA setting(s): paper (q,v r=8), all-linear (every linear module of the blocks, r=16)")
+    b.add_argument("--targets", help="a custom setting instead: comma list of LoRA targets (with --r, default 8)")
+    b.add_argument("--r", type=int, help="LoRA rank of the custom setting")
+    b.add_argument("--memory-plan", action="store_true",
+                   help="print the memory plan from the model's config alone (no weights; measures nothing)")
+    b.add_argument("--model-config", metavar="NAMES", help="--memory-plan: comma list of smollm2-135m, llama-3-8b, "
+                   "qwen2.5-7b, a config JSON, a model dir or .gguf (default: --model)")
+    b.add_argument("--dtype", help="--memory-plan: dtype of the model's weights (default bfloat16)")
     b.set_defaults(fn=cmd_bench)
 
     dm = sub.add_parser("demo", help="the main job: Base, LoRA(μ), HLoRA on SciQ with SmolLM2 (embedded data)")
