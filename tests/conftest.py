@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,6 +43,27 @@ def _freeze_imported_objects() -> None:
 
 
 _freeze_imported_objects()
+
+
+@pytest.fixture
+def skip_figure_drawing(monkeypatch):
+    """For tests that check a report's tables, not its figures: every matplotlib figure is saved as a stub PNG
+    without being drawn (drawing is most of a report's time; the figure tests draw them for real)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    buf = io.BytesIO()
+    Figure(figsize=(1, 1)).savefig(buf, format="png", dpi=10)
+    stub = buf.getvalue()
+
+    def savefig(self, fname, *args, **kwargs):
+        if hasattr(fname, "write"):
+            fname.write(stub)
+        else:
+            Path(fname).write_bytes(stub)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
 
 
 @pytest.fixture

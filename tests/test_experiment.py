@@ -89,7 +89,7 @@ def test_grid_has_every_method_task_and_figure(tiny_run):
         assert w > 200 and h > 200, f
 
 
-def test_report_command_rewrites_from_results_only(tiny_run, tmp_path):
+def test_report_command_rewrites_from_results_only(tiny_run, tmp_path, skip_figure_drawing):  # the grid draws them
     assert main(["report", str(tiny_run / "results.json"), "--out", str(tmp_path / "rep")]) == 0
     for f in FIGURES + ["tables.md", "table1.csv", "table2.csv", "complexity.csv", "tables.tex", "report.md"]:
         assert (tmp_path / "rep" / f).stat().st_size > 0, f

@@ -32,7 +32,7 @@ def _table_blocks(text: str) -> list[str]:
     return blocks
 
 
-def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path):
+def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path, skip_figure_drawing):
     """The acceptance of the fronts issue: results.json holds every committed record, `hlora report` on it
     rewrites the committed tables.md byte for byte, every table of the fronts section of results/README.md is in
     it, and so is every row of the README's headline table."""

@@ -22,3 +22,10 @@ def write_results(tmp_path):
 @pytest.fixture
 def results_file(write_results):
     return write_results(make_results())
+
+
+@pytest.fixture(autouse=True)
+def _tables_without_drawing(request):
+    """test_report_tables checks tables only: its reports skip drawing figures (tests/conftest.py)."""
+    if request.module.__name__ == "test_report_tables":
+        request.getfixturevalue("skip_figure_drawing")
