@@ -1,4 +1,5 @@
-"""`hlora bench`: the performance targets of docs/design.md, measured as ratios within one run, in both LoRA settings.
+"""`hlora bench`: the performance targets of docs/design.md (sections 9 and 11), measured as ratios within one run,
+in both LoRA settings.
 
     hlora bench --model smollm2-135m --json benchmarks/results/bench-smollm2-cpu.json      # both settings
     hlora bench --memory-plan --model-config smollm2-135m,llama-3-8b,qwen2.5-7b           # memory from configs

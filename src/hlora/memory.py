@@ -2,7 +2,7 @@
 
     from hlora.memory import plan, load_config
     p = plan(load_config("llama-3-8b"), targets=["q_proj", "v_proj"], r=8)
-    hlora bench --memory-plan --model-config smollm2-135m,llama-3-8b,qwen2.5-7b      # the table of docs/design.md
+    hlora bench --memory-plan --model-config smollm2-135m,llama-3-8b,qwen2.5-7b      # docs/design.md section 11.2
 
 The counts follow what the code allocates (tests/test_memory.py checks them against the tensors a real recorder
 and real penalties hold on the tiny models), per group of equally shaped LoRA modules (lora.group_modules: on a
@@ -354,7 +354,7 @@ def _fmt(b: float) -> str:
     for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if b >= f:
             v = b / f
-            return f"{v:.3g} {unit}" if v < 100 else f"{v:.0f} {unit}"
+            return f"{v:.2f} {unit}" if v < 10 else f"{v:.1f} {unit}" if v < 100 else f"{v:.0f} {unit}"
     return f"{b:.0f} B"
 
 
