@@ -70,3 +70,12 @@ def test_letter_table_only_with_predictions(write_results, tmp_path):
     write_report(write_results(make_results()), tmp_path / "old")  # no predictions: no table, no file
     assert "Answer letters" not in (tmp_path / "old" / "tables.md").read_text(encoding="utf-8")
     assert not (tmp_path / "old" / "letters.csv").exists()
+
+
+def test_a_letter_task_with_a_split_is_still_one(write_results):
+    recs = _records()
+    for r in recs:
+        r["task"] = "medmcqa:validation"
+    (block,) = letter_analysis(load_results(write_results(recs)))
+    assert block["task"] == block["tuned"] == "medmcqa:validation" and block["letters"] == "ABCD"
+    assert next(r for r in block["rows"] if r["method"] == "lora_mu")["prior"]

@@ -214,8 +214,7 @@ def test_new_records_name_the_text_and_add_the_battery(write_results, tmp_path):
     assert "| C4 PPL @ acc* ↓ | C4 KL @ acc* ↓ |" in md
     assert "| Battery % @ acc* ↑ | ΔBattery pts ref − row (p), n |" in md
     assert "cap = Base C4 PPL × 1.02" in md
-    assert ("| ΔAcc pts (p) | C4 PPL ↓ | ΔC4 PPL (p) | C4 KL to Base ↓ | ΔC4 KL (p) | Battery % ↑ | ΔBattery pts (p) |"
-            in md)  # fmt: skip
+    assert "| C4 PPL ↓ | ΔC4 PPL (p) | C4 KL to Base ↓ | ΔC4 KL (p) | Battery % ↑ | ΔBattery pts (p) |" in md
 
     def bat_of(m):
         return [battery_acc(r) for r in sorted(recs, key=lambda r: r["seed"])

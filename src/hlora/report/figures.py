@@ -233,7 +233,7 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
-    if by_family(recs, task) if families is None else families:
+    if (by_family(recs, task) if families is None else families) and _families(recs):  # Base alone: one row
         return _plot_fronts_by_family(records, recs, task, out_png, reference, cap_ratio, metrics)
     names = general_names(recs, legacy=False)
     axis = _axis_labels(names)
@@ -281,7 +281,7 @@ def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out
     axis = _axis_labels(names)
     ys = [m for m in (metrics or _FAMILY_METRICS) if any(r.get(m) is not None for r in recs)]
     fams = _families(recs)
-    if not ys or not fams:
+    if not ys:
         return None
     styles, labels = style(records), row_labels(records)
     base, acc_ref = base_point(recs, task), reference_accuracy(recs, task, reference)

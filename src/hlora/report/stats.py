@@ -587,8 +587,13 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
     letter_tasks = LETTER_TASKS if letter_tasks is None else letter_tasks
     main = main_cells(records)
     labels = row_labels(main)
+    seen = dict.fromkeys([r["task"] for r in main] + [t for r in main for t in (r.get("transfer") or {})])
+    # a task is a letter task by its name or its name before a split ("medmcqa:validation")
+    found = {t: letter_tasks.get(t) or letter_tasks.get(t.partition(":")[0]) for t in seen}
     blocks = []
-    for task, letters in letter_tasks.items():
+    for task, letters in found.items():
+        if not letters:
+            continue
         k = len(letters)
         for tuned in task_order(main):
             rs = [r for r in main if r["task"] == tuned and _letter_items(r, task) is not None]

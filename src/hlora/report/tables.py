@@ -175,8 +175,7 @@ def measures_note(names: dict) -> str:
         what = f"{names['ppl']}: perplexity on {names['text']}, a text no stage trains on"
     parts = [what, f"{names['kl']}: KL(p_base ‖ p_model) per token on that text"]
     if names["nu_ppl"]:
-        parts.append(f"{names['nu_ppl']}: perplexity on {names['nu_text']}, the text stage ν (and replay) train on "
-                     "(stage ν's own distribution)")
+        parts.append(f"{names['nu_ppl']}: perplexity on {names['nu_text']}, the text stage ν (and replay) train on")
     if names["battery"]:
         parts.append("Battery: unweighted mean zero-shot accuracy over the battery's tasks")
     if names["mixed"]:
