@@ -1,0 +1,171 @@
+"""The plan of an experiment: rows (methods with their fronts), its typed config, and the cells it runs."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ConfigError, EvalConfig, LoraConfig, MethodConfig, ModelConfig, TrainConfig, from_dict, method_config
+from ..util import did_you_mean
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    label: str
+    start: str  # "none" | "fresh" | "nu" | "nu_adapter" (the stage-ν adapter itself, no stage μ) | the id of the
+    # row whose trained adapter this row evaluates
+    method: tuple = (("name", "none"),)  # method config fields (a tuple of pairs: rows are immutable)
+    lora: tuple[str, ...] = ()  # LoRA overrides, e.g. ("rslora=true",)
+    sweep: str = ""  # the method field the row's front varies
+
+
+_R = Row
+ROWS: dict[str, Row] = {r.id: r for r in [
+    _R("base", "Base", "none"),
+    _R("lora_nu", "LoRA(ν) only", "nu_adapter"),  # stage ν alone: how far the general-text adapter itself moves
+    _R("lora_mu", "LoRA(μ)", "fresh"),
+    _R("lora_nu_mu", "LoRA(ν+μ)", "nu"),
+    _R("rslora", "rsLoRA", "fresh", lora=("rslora=true",)),
+    _R("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam"),
+    _R("hlora", "HLoRA", "nu", (("name", "hlora"),), sweep="phi"),
+    _R("hlora_auto", "HLoRA (layer_scale=auto)", "nu", (("name", "hlora"), ("layer_scale", "auto")), sweep="phi"),
+    # Beyond the paper: Ω/mean (scale-free φ) capped at 10× the mean (SI's tail: methods/hlora.py).
+    _R("hlora_norm", "HLoRA (Ω/mean, cap 10)", "nu", (("name", "hlora"), ("omega_norm", "mean"), ("omega_clip", 10.0)),
+       sweep="phi"),
+    _R("hlora_no_layer", "HLoRA −layer", "nu", (("name", "hlora"), ("layer_weighting", "uniform")), sweep="phi"),
+    # The paper's "-layer,element" ablation: ν then μ with no penalty (same configuration as LoRA(ν+μ)).
+    _R("hlora_no_layer_element", "HLoRA −layer,element", "nu"),
+    _R("replay", "Replay", "fresh", (("name", "replay"),), sweep="rho"),
+    _R("kl_general", "KL-to-base (general)", "fresh", (("name", "kl_general"),), sweep="beta"),
+    _R("kl_domain", "KL-to-base (domain)", "fresh", (("name", "kl_domain"),), sweep="beta"),
+    _R("corda_kpm", "CorDA-KPM", "fresh", (("name", "corda_kpm"),)),
+    _R("wise_lora_mu", "WiSE-FT of LoRA(μ)", "lora_mu", (("name", "wise"),), sweep="alpha"),
+    _R("wise_lora_nu_mu", "WiSE-FT of LoRA(ν+μ)", "lora_nu_mu", (("name", "wise"),), sweep="alpha"),
+    _R("wise_hlora", "WiSE-FT of HLoRA", "hlora", (("name", "wise"),), sweep="alpha"),
+]}
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    general: TrainConfig = field(default_factory=TrainConfig)  # stage ν training
+    domain: TrainConfig = field(default_factory=TrainConfig)  # stage μ training (every row alike)
+    general_method: MethodConfig = field(default_factory=method_config)  # stage ν: HLoRA's recording settings
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: list[str] = field(default_factory=lambda: ["base", "lora_mu", "hlora"])  # row ids
+    options: dict[str, dict] = field(default_factory=dict)  # row id -> method fields (the row's main point)
+    sweeps: dict[str, dict] = field(default_factory=dict)  # row id -> {field: [values]} (its front)
+    per_task: dict[str, dict] = field(default_factory=dict)  # task -> {methods, seeds, sweeps} (thinning)
+    tasks: list[str] = field(default_factory=lambda: ["sciq"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    transfer: str = "none"  # evaluate on the other tasks too (cross-task retention): none | main (cells) | all
+    general_data: str = "wikitext"  # stage ν's text: the general pool of every method
+    general_eval: str = "wikitext"  # held-out general text: the record's general_ppl / general_kl
+    texts: list[str] = field(default_factory=list)  # more general text recorded beside it (e.g. stage ν's own)
+    battery: list[str] = field(default_factory=list)  # zero-shot tasks (or groups) no row tunes on: general ability
+    battery_limit: int = 0  # items per battery task; 0 = eval.limit
+    data_root: str = ""  # "" = default data search; "embedded" = the subset shipped in the package
+    full_fisher_examples: int = 2  # samples timed for the full-model Fisher cost estimate
+    out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
+    records: str = ""  # one JSON per finished cell (commit these); "" = OUT/records
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: Row
+    task: str
+    seed: int
+    method: MethodConfig
+    point: Any = None  # the swept field's value (None: the row has no front)
+    main: bool = True  # the row's own setting (only main cells enter the fixed tables)
+    param: str = ""  # the swept field: the row's `sweep`, or "lr" (stage μ's learning rate)
+    lr: float | None = None  # stage μ's lr when it differs from domain.lr (a row option or an lr sweep)
+
+    @property
+    def name(self) -> str:
+        safe = self.task.replace(":", "_").replace("/", "_")
+        sweep = f"-{self.param or self.row.sweep}{self.point:g}" if self.point is not None and not self.main else ""
+        return f"{self.row.id}-{safe}-s{self.seed}{sweep}"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+TRAIN_FIELDS = ("lr",)  # stage-μ fields a row may set in `options` or sweep, beside its method's own
+
+
+def _row_method(cfg: ExperimentConfig, row: Row, **fields_) -> MethodConfig:
+    data = {**dict(row.method), **cfg.options.get(row.id, {}), **fields_}
+    data = {k: v for k, v in data.items() if k not in TRAIN_FIELDS}
+    return from_dict(MethodConfig, data, where=f"method of row {row.id!r}")
+
+
+def _row_lr(cfg: ExperimentConfig, row: Row) -> float:
+    """The row's own stage-μ learning rate: `options.<row>.lr`, else domain.lr."""
+    return float(cfg.options.get(row.id, {}).get("lr", cfg.domain.lr))
+
+
+def _domain_train(cfg: ExperimentConfig, cell: "Cell") -> TrainConfig:
+    return dataclasses.replace(cfg.domain, lr=cell.lr) if cell.lr is not None else cfg.domain
+
+
+def plan(cfg: ExperimentConfig) -> list[Cell]:
+    """Every cell, task-major (a task's seeds land before the next task starts: the first task's fronts over
+    seeds come first), then seed, then row."""
+    for m in cfg.methods:
+        if m not in ROWS:
+            raise ConfigError(f"methods: unknown method {m!r}{did_you_mean(m, ROWS)}; known: {', '.join(ROWS)}")
+    for where in (cfg.options, cfg.sweeps):
+        for m in where:
+            if m not in ROWS:
+                raise ConfigError(f"unknown method {m!r} in options/sweeps{did_you_mean(m, ROWS)}")
+    if not cfg.tasks or not cfg.seeds:
+        raise ConfigError("tasks and seeds must not be empty")
+    _battery_tasks(cfg)  # a battery task that is also tuned: fail before any training
+    for t in cfg.per_task:
+        if t not in cfg.tasks:
+            raise ConfigError(f"per_task: {t!r} is not one of the tasks {cfg.tasks}")
+    cells = []
+    for task in cfg.tasks:
+        pt = cfg.per_task.get(task, {})
+        for seed in pt.get("seeds", cfg.seeds):
+            for rid in pt.get("methods", cfg.methods):
+                cells.extend(_row_cells(cfg, ROWS[rid], task, seed, pt.get("sweeps", cfg.sweeps).get(rid, {})))
+    return cells
+
+
+def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
+    main = _row_method(cfg, row)
+    own_lr = _row_lr(cfg, row)
+    lr = own_lr if own_lr != cfg.domain.lr else None
+    unknown = [k for k in sweep if k not in (row.sweep, *TRAIN_FIELDS) or not k]
+    if unknown:
+        raise ConfigError(f"sweeps.{row.id}: row {row.id!r} sweeps {row.sweep or 'nothing'!r} (or lr), "
+                          f"not {unknown[0]!r}")
+    if "lr" in sweep:  # a learning-rate front: the row's main setting at several stage-μ lrs
+        if row.start in ("none", "nu_adapter") or row.start in ROWS:
+            raise ConfigError(f"sweeps.{row.id}: row {row.id!r} trains nothing itself; it has no lr to sweep")
+        values = sorted({float(v) for v in sweep["lr"]} | {own_lr})
+        return [Cell(row, task, seed, main, v, v == own_lr, "lr", v if v != cfg.domain.lr else None) for v in values]
+    if not row.sweep:
+        return [Cell(row, task, seed, main, lr=lr)]
+    own = getattr(main, row.sweep)
+    values = sorted({float(v) for v in sweep.get(row.sweep, [])} | {float(own)})
+    return [Cell(row, task, seed, _row_method(cfg, row, **{row.sweep: v}), v, v == float(own), row.sweep, lr)
+            for v in values]
+
+
+# ----------------------------------------------------------------------------- running one cell
+
+
+
+def _battery_tasks(cfg: ExperimentConfig) -> list[str]:
+    from ..data.tasks import expand_tasks
+
+    battery = expand_tasks(cfg.battery)
+    tuned = [t for t in battery if t in cfg.tasks]
+    if tuned:
+        raise ConfigError(f"battery: {tuned[0]!r} is also a tuned task; the battery measures what no row tunes on")
+    return battery
+
+
