@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import ConfigError, EvalConfig, TrainConfig
 from ..files import write_json
 from ..methods import method_class
+from ..record import RECORD_VERSION, normalize_record
 from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_method
 from .run import _NOT_RESULTS, _canonical, _evaluate, _full_fisher, _trained, _transfer_tasks
 
@@ -80,11 +81,9 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
         ff = _full_fisher(cfg)
         rec.update(full_fisher_bytes=ff["full_bytes"], full_fisher_seconds=ff["full_seconds"])
     rec.update(_general_measures(cfg, ev, adapter))
+    normalize_record(rec, where=str(path))  # the schema the report reads: a writer bug fails here, not there
     write_json(path, rec)
     return rec
-
-
-RECORD_VERSION = 2  # 2: general_eval, texts and battery (records without record_version are 1)
 
 
 def _general_measures(cfg: ExperimentConfig, ev: dict, adapter) -> dict:
