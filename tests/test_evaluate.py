@@ -186,13 +186,13 @@ def test_shared_continuation_prefix_runs_once(model, tok):
 
 def test_packed_batches_minimise_padding_plus_passes(monkeypatch):
     lens = [40, 39, 38, 20, 19, 5, 5, 5, 1]
-    monkeypatch.setattr(ev, "FORWARD_COST", 10)
+    monkeypatch.setattr(ev.batches, "FORWARD_COST", 10)
     got = ev._packed_batches(lens, int, 1, 200)
     assert got == [[40, 39, 38], [20, 19], [5, 5, 5, 1]]
-    monkeypatch.setattr(ev, "FORWARD_COST", 1000)  # as few passes as the size cap allows
+    monkeypatch.setattr(ev.batches, "FORWARD_COST", 1000)  # as few passes as the size cap allows
     assert ev._packed_batches(lens, int, 1, 60) == [[40], [39], [38], [20, 19], [5, 5, 5, 1]]
     assert ev._packed_batches(lens, int, 9, 60) == [lens]  # `min_count` items fit whatever their size
-    monkeypatch.setattr(ev, "FORWARD_COST", 0)
+    monkeypatch.setattr(ev.batches, "FORWARD_COST", 0)
     assert ev._packed_batches(lens, int, 1, 200) == [[40], [39], [38], [20], [19], [5, 5, 5], [1]]
     assert ev._packed_batches([], int, 1, 200) == []
 
@@ -200,7 +200,7 @@ def test_packed_batches_minimise_padding_plus_passes(monkeypatch):
 @pytest.mark.parametrize("forward_cost", [0, 10_000])
 def test_continuation_sub_batches_match_hand(model, tok, monkeypatch, forward_cost):
     """One continuation pass per distinct length (each on a copy of the context cache), or one for all."""
-    monkeypatch.setattr(ev, "FORWARD_COST", forward_cost)
+    monkeypatch.setattr(ev.batches, "FORWARD_COST", forward_cost)
     got = ev.loglikelihood(model, tok, REQUESTS, batch_size=4, progress=False)
     for (a, ag), (c, x) in zip(got, REQUESTS):
         h, hg = hand_ll(model, *lm_eval_tokens(tok, c, x))

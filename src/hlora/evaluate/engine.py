@@ -1,42 +1,29 @@
-"""Evaluation: a log-likelihood engine that agrees with lm-evaluation-harness, MCQ accuracy, perplexity.
+"""The model boundary (lm-eval's `LM` interface): log-likelihoods of token requests from forward passes.
 
-Log-likelihood follows lm-evaluation-harness 0.4.13 (`HFLM`, causal backend) request by request:
-
-* a request is (context, continuation); trailing whitespace of the context moves to the front of
-  the continuation; `whole = encode(context + continuation)`, `ctx = encode(context)`,
-  `cont = whole[len(ctx):]` (the model reads `ctx + cont`, not `whole`);
-* strings are encoded with the tokenizer's own default for special tokens (lm-eval's
-  `add_bos_token=None`), except a string that already starts with the prefix token's text;
-  `add_special_tokens=True/False` forces it, like lm-eval's `add_bos_token`;
-* an empty context becomes `[prefix]` (BOS, else EOS) and the continuation is encoded without
-  special tokens; if it already starts with the prefix token, that token becomes the context;
-* the model input is `(ctx + cont)[-(max_length + 1):][:-1]`; the result is the sum of the
-  log-softmax at the positions that predict `cont`, and whether every one of them is the argmax.
+`loglikelihood` and `loglikelihood_full` follow lm-evaluation-harness 0.4.13 (`HFLM`, causal backend)
+request by request (requests are encoded as in `requests.py`): the model input is
+`(ctx + cont)[-(max_length + 1):][:-1]`; the result is the sum of the log-softmax at the positions that
+predict `cont`, and whether every one of them is the argmax.
 
 The fast path (`loglikelihood`) scores a shared context once, together with the tokens that all
 its continuations start with: contexts run left-padded (explicit `position_ids`) and keep their
 KV cache; then their continuations run right-padded on copies of their contexts' cache rows,
 positions continuing after their context. Contexts, and the continuations of each context pass,
-are sorted by length and cut into passes that minimise padding plus a fixed cost per pass.
-Requests that need truncation take the plain full-sequence path (`loglikelihood_full`, lm-eval's
-way).
+are sorted by length and cut into passes that minimise padding plus a fixed cost per pass
+(`batches.py`). Requests that need truncation take the plain full-sequence path
+(`loglikelihood_full`, lm-eval's way).
 
-Perplexity (`perplexity`) follows lm-eval's `loglikelihood_rolling` with `max_length = window`:
-documents are encoded like lm-eval's `tok_encode`, cut into rolling windows (`rolling_windows`) that
-predict every token once, the first from the prefix token, each later one reading a full window of
-the tokens before its end; rows of different lengths run right-padded, and only the logits of
-target positions are kept. It reports token perplexity, word perplexity (whitespace-separated
-words) and bits per UTF-8 byte over all documents together, and optionally the mean KL divergence
-from a reference model (or the PEFT model's base) on the same predictions.
+`loglikelihood_rolling` follows lm-eval's `loglikelihood_rolling` with `max_length = window`: documents
+(token ids) are cut into rolling windows (`requests.rolling_windows`); rows of different lengths run
+right-padded, and only the logits of target positions are kept. It returns per document the summed
+negative log-likelihood and, optionally, the summed KL divergence from a reference model (or the PEFT
+model's base) on the same predictions.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-import os
 import sys
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
@@ -44,16 +31,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .data.base import MCQItem, PartialItem
-from .util import eval_mode, model_device
+from ..util import eval_mode, model_device, progress_enabled
+from . import batches
+from .batches import _length_batches, _packed_batches
+from .metrics import _kl
+from .requests import encode_requests, prefix_token_id, rolling_windows
 
-# Batching of the shared-context path. A context pass holds `batch_size` contexts, or more while it
-# stays within batch_size * TOKENS_PER_CONTEXT padded tokens; its continuations run in passes of at
-# most that many padded tokens. Passes are cut to minimise padded tokens + FORWARD_COST per pass:
-# on CPU a pass costs about as much as 50 tokens whatever its size (every weight is read from
-# memory once per pass), so short questions need few, full passes.
-TOKENS_PER_CONTEXT = 128
-FORWARD_COST = 48
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer states a length
 _TOKENIZER_INFINITY = 1000000000000000019884624838656  # transformers' "no limit" model_max_length
 
@@ -95,15 +78,6 @@ def resolve_max_length(model, tokenizer, max_length: int | None = None) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def prefix_token_id(tokenizer) -> int:
-    """Token that conditions an empty context and a document's first token (lm-eval: BOS, else EOS)."""
-    if tokenizer.bos_token_id is not None:
-        return tokenizer.bos_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token to condition on")
-
-
 def _pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
         if tid is not None:
@@ -112,10 +86,10 @@ def _pad_id(tokenizer) -> int:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr; off when `enabled` is False or $HLORA_PROGRESS is "0"."""
+    """A tqdm bar on stderr; off when `enabled` is False or $HLORA_PROGRESS turns bars off (util.progress_enabled)."""
     from tqdm.auto import tqdm
 
-    enabled = enabled and os.environ.get("HLORA_PROGRESS", "1") != "0"
+    enabled = enabled and progress_enabled()
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
@@ -127,56 +101,6 @@ def _right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor
         ids[r, :len(row)] = torch.tensor(row)
         mask[r, :len(row)] = 1
     return ids, mask
-
-
-# ----------------------------------------------------------------------------- encoding
-class _Encoder:
-    """lm-eval's tok_encode / _encode_pair, with a cache for contexts shared by several requests."""
-
-    def __init__(self, tokenizer, add_special_tokens: bool | None = None):
-        self.tok = tokenizer
-        self.add_special_tokens = add_special_tokens
-        self.prefix = prefix_token_id(tokenizer)
-        self.prefix_text = tokenizer.decode([self.prefix])
-        self._cache: dict[str, list[int]] = {}
-
-    def encode(self, s: str, add_special_tokens: bool | None = None) -> list[int]:
-        if add_special_tokens is None:
-            add_special_tokens = self.add_special_tokens
-        kw = {}
-        if add_special_tokens is not None:
-            kw["add_special_tokens"] = add_special_tokens
-        elif self.prefix_text and s.startswith(self.prefix_text):
-            kw["add_special_tokens"] = False
-        return list(self.tok.encode(s, **kw))
-
-    def encode_cached(self, s: str) -> list[int]:
-        ids = self._cache.get(s)
-        if ids is None:
-            ids = self._cache[s] = self.encode(s)
-        return ids
-
-    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        if context == "":
-            cont = self.encode(continuation, add_special_tokens=False)
-            if cont and cont[0] == self.prefix:
-                return cont[:1], cont[1:]
-            return [self.prefix], cont
-        n = len(context) - len(context.rstrip())
-        if n:
-            context, continuation = context[:-n], context[-n:] + continuation
-        whole = self.encode(context + continuation)
-        ctx = self.encode_cached(context)
-        cont = whole[len(ctx):]
-        if not ctx:  # a whitespace-only context (lm-eval would fail here): condition on the prefix token
-            ctx = [self.prefix]
-        return ctx, cont
-
-
-def encode_requests(tokenizer, requests: Sequence[tuple[str, str]], add_special_tokens: bool | None = None):
-    """[(context tokens, continuation tokens)] exactly as lm-eval builds them."""
-    enc = _Encoder(tokenizer, add_special_tokens)
-    return [enc.pair(c, x) for c, x in requests]
 
 
 # ----------------------------------------------------------------------------- log-likelihood
@@ -278,51 +202,13 @@ def loglikelihood(
     pad = _pad_id(tokenizer)
     keep_last = _accepts(model, "logits_to_keep")
     bar = _progress(len(encoded) - len(truncated), "loglikelihood", progress)
-    budget = max(1, batch_size) * TOKENS_PER_CONTEXT
+    budget = max(1, batch_size) * batches.TOKENS_PER_CONTEXT
     with _eval_mode(model):
         for batch in _packed_batches(contexts, lambda c: len(c.tokens), batch_size, budget):
             _score_contexts(model, batch, encoded, out, dev, pad, keep_last, budget)
             bar.update(sum(len(c.requests) for c in batch))
     bar.close()
     return out  # type: ignore[return-value]
-
-
-def _length_batches(keys: list, batch_size: int, slack: float = 0.2, min_slack: int = 16, size=len):
-    """Consecutive runs of length-sorted (descending, by `size`) keys, at most `batch_size` each; a run
-    also ends where padding to its first (longest) key would waste more than `slack` of it
-    (and more than `min_slack` tokens): on CPU padded tokens cost as much as real ones."""
-    batch: list = []
-    for k in keys:
-        if batch and (
-            len(batch) >= max(1, batch_size)
-            or size(batch[0]) - size(k) > max(slack * size(batch[0]), min_slack)
-        ):
-            yield batch
-            batch = []
-        batch.append(k)
-    if batch:
-        yield batch
-
-
-def _packed_batches(items: list, size, min_count: int, max_tokens: int) -> list[list]:
-    """Split length-sorted (descending, by `size`) items into consecutive batches that minimise the
-    padded tokens plus FORWARD_COST per batch (dynamic programming). A batch holds up to
-    `min_count` items, or more while its padded size stays within `max_tokens`."""
-    lens = [size(x) for x in items]
-    n = len(items)
-    best = [0] + [math.inf] * n  # best[j]: cost of the first j items
-    start = [0] * (n + 1)
-    for i in range(n):
-        most = max(min_count, max_tokens // max(lens[i], 1), 1)
-        for j in range(i + 1, min(n, i + most) + 1):
-            cost = best[i] + FORWARD_COST + (j - i) * lens[i]
-            if cost < best[j]:
-                best[j], start[j] = cost, i
-    cuts, j = [], n
-    while j > 0:
-        cuts.append((start[j], j))
-        j = start[j]
-    return [items[a:b] for a, b in reversed(cuts)]
 
 
 def _shared_prefix(conts: list[list[int]]) -> int:
@@ -439,99 +325,7 @@ def _continuation_pass(model, inputs, starts, ctx_mask, cache, dev, pad):
     ).logits
 
 
-# ----------------------------------------------------------------------------- multiple choice
-def _argmax(values: Sequence[float]) -> int:
-    """First index of the maximum (numpy.argmax's tie rule)."""
-    best = 0
-    for j in range(1, len(values)):
-        if values[j] > values[best]:
-            best = j
-    return best
-
-
-def _stderr(xs: Sequence[float]) -> float:
-    n = len(xs)
-    if n < 2:
-        return float("nan")
-    m = sum(xs) / n
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
-
-
-def evaluate_mcq(
-    model, tokenizer, items: Sequence[MCQItem | PartialItem], batch_size: int = 8, progress: bool = True,
-    max_length: int | None = None,
-) -> dict:
-    """acc (argmax log-likelihood) and acc_norm (argmax log-likelihood per character of the choice).
-    A `PartialItem` scores its one continuation after each context (lm-eval's partial scoring)."""
-    requests, spans = [], []
-    for it in items:
-        reqs = it.requests()  # one per option: (context, " " + choice), or for partial scoring (context_i, " " + rest)
-        spans.append((len(requests), len(reqs)))
-        requests.extend(reqs)
-    res = loglikelihood(model, tokenizer, requests, batch_size=batch_size, max_length=max_length, progress=progress)
-    per = {"id": [], "acc": [], "acc_norm": [], "ll": [], "ll_gold": [], "pred": [], "pred_norm": [], "gold": []}
-    for it, (s, n) in zip(items, spans):
-        lls = [res[s + j][0] for j in range(n)]
-        # lm-eval divides by len(choice) in characters; an empty choice counts as 1 (not a division by 0)
-        normed = [ll / k for ll, k in zip(lls, it.norm_lengths())]
-        pred, pred_norm = _argmax(lls), _argmax(normed)
-        per["id"].append(it.id)
-        per["gold"].append(it.gold)
-        per["ll"].append(lls)
-        per["ll_gold"].append(lls[it.gold])
-        per["pred"].append(pred)
-        per["pred_norm"].append(pred_norm)
-        per["acc"].append(int(pred == it.gold))
-        per["acc_norm"].append(int(pred_norm == it.gold))
-    n = len(items)
-    return {
-        "acc": sum(per["acc"]) / n if n else float("nan"),
-        "acc_stderr": _stderr(per["acc"]),
-        "acc_norm": sum(per["acc_norm"]) / n if n else float("nan"),
-        "acc_norm_stderr": _stderr(per["acc_norm"]),
-        "n": n,
-        "per_item": per,
-    }
-
-
-# ----------------------------------------------------------------------------- perplexity
-def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """lm-eval's `get_rolling_token_windows(context_len=1)` + `make_disjoint_window`: (context, targets)
-    pairs that predict every token once. The first predicts up to `max_len` tokens from the prefix
-    token; each later one predicts the next up to `max_len` tokens with the model reading the
-    `max_len` tokens that end just before its last target (a short last window keeps a full window
-    of context). The model input is `(context + targets)[:-1]`, at most `max_len` tokens."""
-    tokens = list(tokens)
-    if not tokens:
-        return []
-    first = min(max_len, len(tokens))
-    out = [([prefix], tokens[:first])]
-    done = first
-    while done < len(tokens):
-        end = min(done + max_len, len(tokens))
-        out.append((tokens[end - max_len - 1:done], tokens[done:end]))
-        done = end
-    return out
-
-
-def _encode_docs(tokenizer, texts: Sequence[str], max_tokens: int) -> list[tuple[list[int], int, int]]:
-    """(tokens, words, UTF-8 bytes) per document; tokens as lm-eval's `tok_encode` makes them."""
-    enc = _Encoder(tokenizer)
-    docs = []
-    budget = max_tokens if max_tokens > 0 else None
-    for text in texts:
-        if budget is not None and budget <= 0:
-            break
-        toks = enc.encode(text)
-        if budget is not None and len(toks) > budget:
-            toks = toks[:budget]
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-        if budget is not None:
-            budget -= len(toks)
-        docs.append((toks, len(text.split()), len(text.encode("utf-8"))))
-    return docs
-
-
+# ----------------------------------------------------------------------------- rolling windows (perplexity)
 def _reference(model, kl_reference):
     """(module to call for p_ref, context manager to call it in), or None when no KL is asked."""
     if kl_reference is None:
@@ -556,32 +350,26 @@ def _window_logits(model, ids, mask, keep: int):
     return logits[:, -keep:]
 
 
-def perplexity(
+
+def loglikelihood_rolling(
     model,
     tokenizer,
-    texts: Sequence[str],
-    window: int = 512,
+    docs: Sequence[Sequence[int]],
+    window: int,
     batch_size: int = 8,
-    max_tokens: int = 0,
     progress: bool = True,
     kl_reference=None,
-) -> dict:
-    """Token / word perplexity and bits per byte of `texts`, summed over documents, as lm-eval's
-    `loglikelihood_rolling` computes them with `max_length=window` (see `rolling_windows`).
-
-    `max_tokens > 0` scores only the first `max_tokens` tokens of the documents in order (the last
-    document is cut; its words and bytes are those of the decoded kept tokens).
-    `kl_reference` (None, an nn.Module, or "base" for this PEFT model with its adapter disabled)
-    adds `kl`: the mean over predicted tokens of KL(p_ref || p_model) in nats, on the same inputs."""
-    L = resolve_max_length(model, tokenizer, None)
-    window = max(1, min(int(window), L))
+) -> tuple[list[float], list[int], list[float] | None]:
+    """Per document (token ids): the summed negative log-likelihood (nats) of its tokens, each predicted
+    once by the rolling windows of at most `window` tokens (`requests.rolling_windows`), the number of
+    predicted tokens, and with `kl_reference` (None, an nn.Module, or "base" for this PEFT model with its
+    adapter disabled) the summed KL(p_ref || p_model) in nats on the same inputs (else None)."""
     prefix = prefix_token_id(tokenizer)
     ref = _reference(model, kl_reference)
-    docs = _encode_docs(tokenizer, texts, max_tokens)
-    # (doc, model input, number of targets at its end, targets), longest inputs first
+    # (doc, model input, targets at its end), longest inputs first
     wins = [
         (d, (ctx + tgt)[:-1], tgt)
-        for d, (toks, _, _) in enumerate(docs) for ctx, tgt in rolling_windows(toks, prefix, window)
+        for d, toks in enumerate(docs) for ctx, tgt in rolling_windows(toks, prefix, window)
     ]
     wins.sort(key=lambda w: -len(w[1]))
     nll_doc = [0.0] * len(docs)
@@ -589,7 +377,7 @@ def perplexity(
     count_doc = [0] * len(docs)
     dev = model_device(model)
     pad = _pad_id(tokenizer)
-    bar = _progress(sum(len(t) for t, _, _ in docs), "perplexity", progress)
+    bar = _progress(sum(len(t) for t in docs), "perplexity", progress)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_eval_mode(model))
         if ref is not None and ref[0] is not model:
@@ -619,80 +407,4 @@ def perplexity(
             del logits, ref_logits
             bar.update(sum(len(t) for _, _, t in chunk))
     bar.close()
-    return _perplexity_result(docs, nll_doc, count_doc, kl_doc if ref is not None else None, window)
-
-
-def _kl(ref_lp: torch.Tensor, lp: torch.Tensor) -> float:
-    """Σ over positions of KL(p_ref || p) = Σ_v p_ref(v) (log p_ref(v) − log p(v)); [n, V] log-probs."""
-    return (ref_lp.exp() * (ref_lp - lp)).sum(-1).double().sum().item()
-
-
-def _perplexity_result(docs, nll_doc, count_doc, kl_doc, window: int) -> dict:
-    nll = sum(nll_doc)
-    n_tokens = sum(count_doc)
-    n_words = sum(w for _, w, _ in docs)
-    n_bytes = sum(b for _, _, b in docs)
-    res = {
-        "token_ppl": math.exp(nll / n_tokens) if n_tokens else float("nan"),
-        "word_ppl": math.exp(nll / n_words) if n_words else float("nan"),
-        "bits_per_byte": nll / (n_bytes * math.log(2)) if n_bytes else float("nan"),
-        "nll": nll,
-        "n_tokens": n_tokens,
-        "n_words": n_words,
-        "n_bytes": n_bytes,
-        "n_docs": len(docs),
-        "window": window,
-        "per_item": {
-            "nll": nll_doc,
-            "n_tokens": count_doc,
-            "n_words": [w for _, w, _ in docs],
-            "n_bytes": [b for _, _, b in docs],
-        },
-    }
-    if kl_doc is not None:
-        res["kl"] = sum(kl_doc) / n_tokens if n_tokens else float("nan")
-        res["kl_tokens"] = n_tokens
-        res["per_item"]["kl_sum"] = kl_doc  # per document, summed over its tokens (like "nll")
-    return res
-
-
-# ----------------------------------------------------------------------------- tasks
-def evaluate(
-    model,
-    tokenizer,
-    tasks: Sequence,
-    limit: int = 0,
-    batch_size: int = 8,
-    ppl_window: int = 512,
-    ppl_max_tokens: int = 0,
-    progress: bool = True,
-    kl_reference=None,
-) -> dict:
-    """Evaluate on task objects (`.name`, `.kind` "mcq"|"text", `.eval_items(limit)`,
-    `.eval_texts()`, `.describe()`). `limit` caps MCQ items; `ppl_max_tokens` caps text tasks;
-    `kl_reference` (None, an nn.Module or "base") adds `kl` to text tasks (see `perplexity`).
-
-    Returns {"tasks": {name: {metrics..., "per_item", "seconds", "n", "data"}}, "groups": {...}}; "groups"
-    (only when every task of a group, e.g. the battery, was evaluated) holds their mean accuracy."""
-    results: dict[str, dict] = {}
-    for task in tasks:
-        t0 = time.perf_counter()
-        if task.kind == "mcq":
-            items = task.eval_items(limit)
-            r = evaluate_mcq(model, tokenizer, items, batch_size=batch_size, progress=progress)
-            r["metrics"] = list(getattr(task, "metrics", ("acc", "acc_norm")))
-        elif task.kind == "text":
-            r = perplexity(
-                model, tokenizer, task.eval_texts(), window=ppl_window, batch_size=batch_size,
-                max_tokens=ppl_max_tokens, progress=progress, kl_reference=kl_reference,
-            )
-            r["n"] = r["n_docs"]
-        else:
-            raise ValueError(f"task {task.name!r} has unknown kind {task.kind!r} (expected 'mcq' or 'text')")
-        r["seconds"] = time.perf_counter() - t0
-        r["data"] = task.describe()
-        results[task.name] = r
-    from .data.tasks import group_results
-
-    groups = group_results(results)
-    return {"tasks": results, **({"groups": groups} if groups else {})}
+    return nll_doc, count_doc, kl_doc if ref is not None else None
