@@ -29,6 +29,7 @@ from .data.packing import general_pool, pack
 from .files import append_jsonl, atomic_dir, write_text
 from .methods import StageContext, build_method
 from .model import load_model, model_fingerprint
+from .util import progress_enabled
 
 
 class TrainingError(RuntimeError):
@@ -164,7 +165,7 @@ def _training_args(cfg: RunConfig, out: Path, dataset) -> TrainingArguments:
         data_seed=t.seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available() or cfg.model.device == "cpu",
-        disable_tqdm=not os.environ.get("HLORA_PROGRESS", "1") == "1",
+        disable_tqdm=not progress_enabled(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 from typing import Iterable
 
 import torch
@@ -13,6 +14,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest known name, or ''."""
     hint = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def progress_enabled() -> bool:
+    """Progress bars (evaluation's and the Trainer's) are on unless $HLORA_PROGRESS is 0 / false / no / off."""
+    return os.environ.get("HLORA_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def model_device(model: nn.Module) -> torch.device:
