@@ -5,7 +5,7 @@ Public names are imported lazily so that `import hlora` (and the CLI's --help) s
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SIRecorder": "si", "HLoRACallback": "si", "Importance": "importance",
+    "SIRecorder": "si", "HLoRACallback": "callback", "Importance": "importance",
     "HLoRAPenalty": "methods.hlora", "EWCPenalty": "methods.ewc", "fisher_diagonal": "methods.ewc",
     "PenaltyTrainer": "train", "PenaltyMixin": "train", "run_stage": "train",
     "loglikelihood": "evaluate", "perplexity": "evaluate",

@@ -14,24 +14,24 @@ dozen batched kernels per group, not per module (kernel launches dominate on a G
 step only rank-r copies (A, B, gA, gB) are taken; after it, g̃ and δ are two batched rank-r products and
 ω += −g̃⊙δ is one fused multiply-add. The only ΔW-sized temporaries are g̃ and δ of one group, and a
 group holds at most CHUNK_ELEMENTS elements (on CPU, one module: there cache locality beats batching).
+
+Inside transformers' Trainer, callback.HLoRACallback drives a recorder (also importable from here).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from .files import atomic_path
 from .importance import Importance
-from .lora import (WorkBuffers, adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked,
+from .lora import (LoraRef, WorkBuffers, adapter_fingerprint, batched_delta_w, group_modules, lora_modules, stacked,
                    to_weight_layout, update_delta_w)
+from .util import DeviceClock
 
 CLAMPS = ("step", "end", "none")
 GRADS = ("paper", "exact")
@@ -106,40 +106,6 @@ def _all_reduce_mean(tensors: list[torch.Tensor]) -> None:
             t.div_(world)
 
 
-class _Clock:
-    """Time spent in the recorder: perf_counter on CPU; CUDA events on a GPU, where kernels run after the
-    Python call returns (events time them without stalling the training stream to synchronise)."""
-
-    def __init__(self):
-        self._cpu = 0.0
-        self._events: list = []
-
-    @contextlib.contextmanager
-    def __call__(self, device: torch.device):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            try:
-                yield
-            finally:
-                end.record()
-                self._events.append((start, end))
-        else:
-            t = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._cpu += time.perf_counter() - t
-
-    @property
-    def seconds(self) -> float:
-        for start, end in self._events:  # resolve lazily: waits only for the recorded kernels
-            end.synchronize()
-            self._cpu += start.elapsed_time(end) / 1000.0
-        self._events.clear()
-        return self._cpu
-
-
 def _timed(fn):
     """Count a recorder method's time in `self.seconds` (the recording cost reported by experiments)."""
 
@@ -186,7 +152,7 @@ class SIRecorder:
         self.xi, self.clamp, self.grad = float(xi), clamp, grad
         self.unclipped = bool(unclipped)
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
-        self._clock = _Clock()  # time spent inside the recorder (its cost on top of training): .seconds
+        self._clock = DeviceClock()  # time spent inside the recorder (its cost on top of training): .seconds
         self.steps = 0  # optimizer steps recorded in total
         self.steps_since = 0  # ... since the last consolidation
         self.consolidations = 0
@@ -552,84 +518,10 @@ class SIRecorder:
         self.load_state_dict(load_file(str(path)))
 
 
-def _order_error(what: str) -> str:
-    import transformers
+def __getattr__(name: str):
+    """`hlora.si.HLoRACallback` is `hlora.callback.HLoRACallback` (imported on use: the recorder needs no transformers)."""
+    if name == "HLoRACallback":
+        from .callback import HLoRACallback
 
-    return (f"HLoRACallback: {what}. The recorder relies on transformers 5.23's order (backward -> clip -> "
-            f"on_pre_optimizer_step -> optimizer.step -> on_optimizer_step -> zero_grad); transformers "
-            f"{transformers.__version__} differs. Install the tested versions (constraints.txt).")
-
-
-class HLoRACallback(TrainerCallback):
-    """Drives an SIRecorder from inside transformers' Trainer; `.importance` holds Ω after training.
-
-    Order in transformers 5.23 `Trainer._inner_training_loop` / `_run_epoch`, per optimizer step:
-    backward of every micro-batch -> clip_grad_norm_ (if max_grad_norm > 0; otherwise a norm with
-    max=inf, which also unscales fp16 gradients) -> on_pre_optimizer_step -> optimizer.step() ->
-    on_optimizer_step -> lr_scheduler.step() -> model.zero_grad() -> global_step += 1 -> on_step_end ->
-    save (then on_save). So before_step runs in on_pre_optimizer_step, where the param group's lr is this
-    step's and the gradients exist (the recorder's hooks copied them before clipping; with
-    unclipped=False it reads the clipped ones the optimizer applies); after_step runs in on_optimizer_step
-    (on_step_end would see zeroed gradients). The first step checks that order: a transformers release
-    that calls these hooks elsewhere fails loudly instead of recording a wrong Ω.
-    On resume the trainer state (global_step, epoch) and the adapter weights are restored before
-    on_train_begin, which is where the recorder state is loaded back from checkpoint-<global_step>/.
-    """
-
-    def __init__(self, recorder: SIRecorder, consolidate: str = "end", state_file: str = STATE_FILE,
-                 resume_dir: str | Path | None = None):
-        if consolidate not in ("end", "epoch"):
-            raise ValueError(f"consolidate must be 'end' or 'epoch', got {consolidate!r}")
-        self.recorder = recorder
-        self.consolidate = consolidate
-        self.state_file = state_file
-        self.resume_dir = resume_dir  # where checkpoint-<step>/ folders are (default: args.output_dir)
-        self.importance: Importance | None = None
-        self._order_checked = False
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0:  # resuming from checkpoint-<global_step>
-            ck = Path(self.resume_dir or args.output_dir) / f"checkpoint-{state.global_step}" / self.state_file
-            if not ck.is_file():
-                raise FileNotFoundError(
-                    f"resuming at step {state.global_step} but {ck} is missing: the checkpoint was not written "
-                    "with HLoRACallback, so the importance recorded so far is lost; restart the stage"
-                )
-            self.recorder.load_state(ck)
-            # A checkpoint saved on an epoch's last step precedes that epoch's on_epoch_end.
-            ep = state.epoch or 0.0
-            if self.consolidate == "epoch" and self.recorder.steps_since > 0 and ep > 0 and abs(ep - round(ep)) < 1e-9:
-                self.recorder.consolidate()
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is None:
-            raise RuntimeError("HLoRACallback needs the optimizer in on_pre_optimizer_step")
-        if not self._order_checked and not any(p.grad is not None for r in lora_modules(self.recorder.model)
-                                               for p in (r.A, r.B)):
-            raise RuntimeError(_order_error("on_pre_optimizer_step saw no LoRA gradient"))
-        self.recorder.before_step(optimizer)
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if not self._order_checked:
-            moved = self.recorder.step_moved()
-            self.recorder.after_step()
-            if moved is False:
-                raise RuntimeError(_order_error("on_optimizer_step came before the optimizer moved the adapter"))
-            self._order_checked = moved is not None
-        else:
-            self.recorder.after_step()
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.consolidate == "epoch":
-            self.importance = self.recorder.consolidate()
-
-    def on_save(self, args, state, control, **kwargs):
-        if args.should_save:
-            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            self.recorder.save_state(ck / self.state_file)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        meta = {}
-        if getattr(state, "num_input_tokens_seen", 0):
-            meta["tokens"] = str(int(state.num_input_tokens_seen))
-        self.importance = self.recorder.consolidate(meta)
+        return HLoRACallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

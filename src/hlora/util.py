@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import time
 from typing import Iterable
 
 import torch
@@ -60,3 +61,38 @@ def requires_grad(params: Iterable[torch.Tensor]):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+class DeviceClock:
+    """Time spent in blocks of code (`with clock(device): ...`; total in `.seconds`): perf_counter on CPU; CUDA
+    events on a GPU, where kernels run after the Python call returns (events time them without stalling the
+    stream to synchronise). The SI recorder reports its cost on top of training with one."""
+
+    def __init__(self):
+        self._cpu = 0.0
+        self._events: list = []
+
+    @contextlib.contextmanager
+    def __call__(self, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((start, end))
+        else:
+            t = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._cpu += time.perf_counter() - t
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._events:  # resolve lazily: waits only for the recorded kernels
+            end.synchronize()
+            self._cpu += start.elapsed_time(end) / 1000.0
+        self._events.clear()
+        return self._cpu

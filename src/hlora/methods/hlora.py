@@ -253,7 +253,8 @@ class HLoRA(Method):
     coefficient, coefficient_range = "phi", (1e-8, 1e8)
 
     def setup(self, model: nn.Module) -> None:
-        from ..si import HLoRACallback, SIRecorder
+        from ..callback import HLoRACallback
+        from ..si import SIRecorder
 
         c = self.cfg
         self.penalty = self.recorder = self.callback = None
