@@ -35,6 +35,15 @@ def test_unknown_yaml_key_suggests(tmp_path):
         load_config(RunConfig, y)
 
 
+def test_removed_eval_split_is_an_unknown_key(tmp_path):
+    """`eval.split` was never read (a task's split is named `task:split`); a YAML that still sets it is an error
+    naming the field, like any unknown key."""
+    y = tmp_path / "c.yaml"
+    y.write_text("eval: {split: eval}\n")
+    with pytest.raises(ConfigError, match=r"eval: unknown key 'split'"):
+        load_config(RunConfig, y)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(RunConfig, tmp_path / "none.yaml")

@@ -83,7 +83,6 @@ class EvalConfig:
     batch_size: int = 8
     ppl_window: int = 512  # perplexity: lm-eval rolling windows of this many tokens (its max_length)
     ppl_max_tokens: int = 0  # 0 = whole split
-    split: str = "eval"  # eval = the task's held-out split
     kl: bool = False  # also KL(p_base ‖ p_model) per token on the text tasks (one more forward per window)
     transfer_limit: int = 0  # items of each task a model was not tuned on (experiments); 0 = `limit`
     task_limits: dict[str, int] = field(default_factory=dict)  # items per task (a group names all its tasks)

@@ -39,7 +39,7 @@ def load_tokenizer(src: ModelSource):
 _CACHE: dict = {}
 
 
-def load_model(cfg: ModelConfig | str, seed: int = 0):
+def load_model(cfg: ModelConfig | str):
     """Return (model, tokenizer, source): a fresh copy each call (fp32 by default, eval mode, on cfg.device).
 
     The first load of a name is kept in memory: a GGUF takes ~30 s to dequantise and an experiment
@@ -52,12 +52,12 @@ def load_model(cfg: ModelConfig | str, seed: int = 0):
     key = (cfg.name, cfg.dtype, cfg.device)
     if key not in _CACHE:
         _CACHE.clear()  # keep one base model at most
-        _CACHE[key] = _load_model(cfg, seed)
+        _CACHE[key] = _load_model(cfg)
     model, tok, src = _CACHE[key]
     return copy.deepcopy(model), tok, src
 
 
-def _load_model(cfg: ModelConfig, seed: int):
+def _load_model(cfg: ModelConfig):
     src = resolve_model(cfg.name)
     dtype = getattr(torch, cfg.dtype)
     from transformers import AutoModelForCausalLM
@@ -94,7 +94,7 @@ def _forget_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
-def model_fingerprint(model: nn.Module, src: ModelSource | None = None) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """Short hash of the architecture and a sample of weights: an importance file names its model by it."""
     h = hashlib.sha256()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -289,7 +289,7 @@ def run_stage(cfg: RunConfig, stage: str, resume: bool = False, extra_callbacks:
 def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: list) -> Path:
     if _rank() == 0:
         write_text(out / "config.yaml", dump_yaml(cfg))
-    base, tok, _ = load_model(cfg.model, seed=cfg.train.seed)
+    base, tok, _ = load_model(cfg.model)
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
     method = build_method(cfg.method, stage_context(cfg, stage, tok, out))
