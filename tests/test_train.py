@@ -228,3 +228,21 @@ def test_explicit_keys_are_what_yaml_and_overrides_set(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lora: {r: 4}\ndata: sciq\n")
     assert explicit_keys(f, ["lora.targets=q_proj", "train.lr=1"]) == {"lora.r", "data", "lora.targets", "train.lr"}
+
+
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("yes", True), ("0", False), ("false", False),
+                                      ("OFF", False), ("no", False)])
+def test_progress_bars_follow_one_switch(monkeypatch, tmp_path, value, on):
+    """$HLORA_PROGRESS turns the Trainer's bars and evaluation's bars on or off by one rule (util.progress_enabled)."""
+    from hlora.config import RunConfig
+    from hlora.evaluate import engine
+    from hlora.train import _training_args
+
+    if value is None:
+        monkeypatch.delenv("HLORA_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("HLORA_PROGRESS", value)
+    assert _training_args(RunConfig(), tmp_path, None).disable_tqdm is (not on)
+    bar = engine._progress(1, "test", True)
+    assert bar.disable is (not on)
+    bar.close()
