@@ -84,7 +84,7 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
                              "config": dataclasses.asdict(rc), "lr": rc.train.lr}
 
 
-# Bumped when evaluate.py changes what it computes: cached evaluations of an older evaluator are not reused.
+# Bumped when hlora.evaluate changes what it computes: cached evaluations of an older evaluator are not reused.
 EVALUATOR_VERSION = 2  # 2: lm-eval rolling windows for perplexity
 
 
@@ -170,7 +170,7 @@ def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
     # enters the key only if it changes evaluation (WiSE-FT's α).
     changes_eval = method is not None and type(method).evaluation is not Method.evaluation
     key = _digest({"model": to_dict(cfg.model), "adapter": _adapter_id(cfg, adapter), "evaluator": EVALUATOR_VERSION,
-                   "method": to_dict(cell.method) if changes_eval else None, "eval": to_dict(cfg.eval),
+                   "method": to_dict(cell.method) if changes_eval else None, "eval": _canonical(cfg.eval),
                    "tasks": tasks, "limits": limits})
     cache = Path(cfg.out) / "evals" / f"{key}.json"
     if cache.is_file():
