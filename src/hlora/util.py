@@ -5,10 +5,11 @@ import contextlib
 import difflib
 import os
 import time
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: `import hlora.config` stays torch-free
+    import torch
+    from torch import nn
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -25,6 +26,8 @@ def progress_enabled() -> bool:
 def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
+    import torch
+
     return torch.device("cpu")
 
 
@@ -75,6 +78,8 @@ class DeviceClock:
     @contextlib.contextmanager
     def __call__(self, device: torch.device):
         if device.type == "cuda":
+            import torch
+
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             try:

@@ -1,9 +1,10 @@
 """The experiment: rows (methods) × tasks × seeds, each row's sweep a front; resumable from committed records.
 
-A row of ROWS names everything about a method in one line: its label, where stage μ starts (`fresh`
-adapter, the stage-`nu` adapter, `none` = no training, or another row's id = evaluate that row's trained
-adapter, as WiSE-FT does), its method config and the field its front sweeps. One code path runs them all;
-nothing here asks for a method's name.
+A row (hlora.methods.Row, declared by its method's file: `ROWS` next to the config) names everything about one
+way to run a method: its label, where stage μ starts (`fresh` adapter, the stage-`nu` adapter, `none` = no
+training, or another row's id = evaluate that row's trained adapter, as WiSE-FT does), its method config, the
+field its front sweeps and its place in the report. ROWS here is every method's rows in registry order. One code
+path runs them all; nothing here asks for a method's name.
 
 Layout: OUT/ (work, never committed: run directories, adapters, caches) holds seed<S>/general/ (stage ν,
 shared by the rows that start from it), cache/ (e.g. the EWC Fisher, shared by seeds), runs/<task>-s<seed>-

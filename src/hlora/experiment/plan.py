@@ -1,49 +1,35 @@
-"""The plan of an experiment: rows (methods with their fronts), its typed config, and the cells it runs."""
+"""The plan of an experiment: rows (declared by the methods, hlora.methods.rows), its typed config, and the cells
+it runs."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ..config import ConfigError, EvalConfig, LoraConfig, MethodConfig, ModelConfig, TrainConfig, from_dict, method_config
+from ..methods import rows
+from ..methods.row import Row
 from ..util import did_you_mean
 
 
-@dataclass(frozen=True)
-class Row:
-    id: str
-    label: str
-    start: str  # "none" | "fresh" | "nu" | "nu_adapter" (the stage-ν adapter itself, no stage μ) | the id of the
-    # row whose trained adapter this row evaluates
-    method: tuple = (("name", "none"),)  # method config fields (a tuple of pairs: rows are immutable)
-    lora: tuple[str, ...] = ()  # LoRA overrides, e.g. ("rslora=true",)
-    sweep: str = ""  # the method field the row's front varies
+class _Rows(Mapping):
+    """Every row the methods declare (hlora.methods.rows: each method file's ROWS, registry order), read from the
+    registry when used, so that a method registered later (a test's toy method) is a row too."""
+
+    def __getitem__(self, rid: str) -> Row:
+        return rows()[rid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(rows())
+
+    def __len__(self) -> int:
+        return len(rows())
 
 
-_R = Row
-ROWS: dict[str, Row] = {r.id: r for r in [
-    _R("base", "Base", "none"),
-    _R("lora_nu", "LoRA(ν) only", "nu_adapter"),  # stage ν alone: how far the general-text adapter itself moves
-    _R("lora_mu", "LoRA(μ)", "fresh"),
-    _R("lora_nu_mu", "LoRA(ν+μ)", "nu"),
-    _R("rslora", "rsLoRA", "fresh", lora=("rslora=true",)),
-    _R("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam"),
-    _R("hlora", "HLoRA", "nu", (("name", "hlora"),), sweep="phi"),
-    _R("hlora_auto", "HLoRA (layer_scale=auto)", "nu", (("name", "hlora"), ("layer_scale", "auto")), sweep="phi"),
-    # Beyond the paper: Ω/mean (scale-free φ) capped at 10× the mean (SI's tail: methods/hlora.py).
-    _R("hlora_norm", "HLoRA (Ω/mean, cap 10)", "nu", (("name", "hlora"), ("omega_norm", "mean"), ("omega_clip", 10.0)),
-       sweep="phi"),
-    _R("hlora_no_layer", "HLoRA −layer", "nu", (("name", "hlora"), ("layer_weighting", "uniform")), sweep="phi"),
-    # The paper's "-layer,element" ablation: ν then μ with no penalty (same configuration as LoRA(ν+μ)).
-    _R("hlora_no_layer_element", "HLoRA −layer,element", "nu"),
-    _R("replay", "Replay", "fresh", (("name", "replay"),), sweep="rho"),
-    _R("kl_general", "KL-to-base (general)", "fresh", (("name", "kl_general"),), sweep="beta"),
-    _R("kl_domain", "KL-to-base (domain)", "fresh", (("name", "kl_domain"),), sweep="beta"),
-    _R("corda_kpm", "CorDA-KPM", "fresh", (("name", "corda_kpm"),)),
-    _R("wise_lora_mu", "WiSE-FT of LoRA(μ)", "lora_mu", (("name", "wise"),), sweep="alpha"),
-    _R("wise_lora_nu_mu", "WiSE-FT of LoRA(ν+μ)", "lora_nu_mu", (("name", "wise"),), sweep="alpha"),
-    _R("wise_hlora", "WiSE-FT of HLoRA", "hlora", (("name", "wise"),), sweep="alpha"),
-]}
+ROWS: Mapping[str, Row] = _Rows()
+
+
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

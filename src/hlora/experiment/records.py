@@ -25,7 +25,7 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
            "general": _canonical(dataclasses.replace(cfg.general, **quiet)),
            "domain": _canonical(dataclasses.replace(cfg.domain, **quiet)),
            "general_method": _canonical(cfg.general_method), "eval": _canonical(ev),
-           "row": dataclasses.asdict(cell.row), "method": _canonical(cell.method), "task": cell.task, "seed": cell.seed,
+           "row": cell.row.settings(), "method": _canonical(cell.method), "task": cell.task, "seed": cell.seed,
            "transfer": _transfer_tasks(cfg, cell),
            "general_data": cfg.general_data, "general_eval": cfg.general_eval}
     # Fields added later enter the key only when set, so that the records of older grids keep their hash.

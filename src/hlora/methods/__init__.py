@@ -1,33 +1,42 @@
 """The method registry: a method is one file here, named by one line below.
 
-Entries are "module:Class" strings, imported on first use, so that base.py never imports the methods
-built on it (no import cycle) and `import hlora` stays light. Adding a method = its file + one line here
-(+ a row in experiment.ROWS to put it in the grid).
+Entries are "module:Class" strings ("module" relative to this package, or a dotted absolute module), imported on
+first use, so that base.py never imports the methods built on it (no import cycle) and `import hlora` stays light.
+A method file declares everything about the method: its typed config, its Method class (hooks, the files it writes
+and their kind), and its experiment rows (`ROWS`: label, where stage μ starts, sweep field, report family and
+role). The grid, the report, the CLI's flags and the bench read these; none of them names a method. Adding a
+method = its file + one line here.
+
+Row order: the modules' ROWS in registry order (a module named by several entries counts once, at its first).
 """
 from __future__ import annotations
 
 import importlib
 
 from ..util import did_you_mean
-from .base import Method, StageContext
+from .row import Row
 
 REGISTRY: dict[str, str] = {
-    "none": "none:Plain",  # plain LoRA: LoRA(μ), LoRA(ν+μ), rsLoRA, the "-layer,element" ablation
-    "hlora": "hlora:HLoRA",  # SI importance in stage ν, hierarchical penalty in stage μ
+    "none": "none:Plain",  # plain LoRA: Base, LoRA(ν), LoRA(μ), LoRA(ν+μ), rsLoRA
     "ewc": "ewc:EWC",  # EWC-LoRA: Fisher of the pretrained model, λ·Σ F ⊙ ΔW²
+    "hlora": "hlora:HLoRA",  # SI importance in stage ν, hierarchical penalty in stage μ (+ its ablations)
     "replay": "replay:Replay",  # a share ρ of every step's sequences from the general pool
     "kl_general": "kl:KLGeneral",  # CE + β·KL(p_base ‖ p_θ) on general batches
     "kl_domain": "kl:KLDomain",  # CE + β·KL(p_base ‖ p_θ) on the domain batch's own tokens (ASFT-style)
-    "wise": "wise:WiSE",  # evaluation-time scaling of a trained adapter's ΔW by α (WiSE-FT)
     "corda_kpm": "corda:CorDAKPM",  # PEFT's CorDA, knowledge-preserving init from general-text covariance
+    "wise": "wise:WiSE",  # evaluation-time scaling of a trained adapter's ΔW by α (WiSE-FT)
 }
 
 
-def method_class(name: str) -> type[Method]:
+def _module(name: str):
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(f".{module}", __name__), cls)
+    module = REGISTRY[name].split(":")[0]
+    return importlib.import_module(module) if "." in module else importlib.import_module(f".{module}", __name__)
+
+
+def method_class(name: str) -> type:
+    return getattr(_module(name), REGISTRY[name].split(":")[1])
 
 
 def config_class(name: str) -> type:
@@ -35,8 +44,29 @@ def config_class(name: str) -> type:
     return method_class(name).config_class
 
 
-def build_method(cfg, ctx: StageContext) -> Method:
-    """The method of `cfg.name`, set up for the stage in `ctx`."""
+def config_classes() -> dict[str, type]:
+    """Every registered method's config class, registry order."""
+    return {name: config_class(name) for name in REGISTRY}
+
+
+def rows() -> dict[str, Row]:
+    """Every experiment row the methods declare, in order (see the module docstring)."""
+    out: dict[str, Row] = {}
+    seen: set[str] = set()
+    for name in REGISTRY:
+        mod = _module(name)
+        if mod.__name__ in seen:
+            continue
+        seen.add(mod.__name__)
+        for r in getattr(mod, "ROWS", ()):
+            if r.id in out:
+                raise ValueError(f"row {r.id!r} is declared twice ({mod.__name__})")
+            out[r.id] = r
+    return out
+
+
+def build_method(cfg, ctx):
+    """The method of `cfg.name`, set up for the stage in `ctx` (a StageContext)."""
     cls = method_class(cfg.name)
     if not isinstance(cfg, cls.config_class):
         raise TypeError(f"method {cfg.name!r} takes a {cls.config_class.__name__}, got {type(cfg).__name__}")
@@ -45,4 +75,13 @@ def build_method(cfg, ctx: StageContext) -> Method:
     return cls(cfg, ctx)
 
 
-__all__ = ["Method", "StageContext", "REGISTRY", "build_method", "config_class", "method_class"]
+def __getattr__(name):  # the protocol (it imports torch) on first use
+    if name in ("Method", "StageContext", "Costs"):
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Method", "StageContext", "REGISTRY", "Row", "build_method", "config_class", "config_classes",
+           "method_class", "rows"]

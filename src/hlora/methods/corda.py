@@ -25,6 +25,7 @@ from ..data.packing import batches
 from ..files import atomic_dir
 from ..util import eval_mode, model_device
 from .base import Method
+from .row import Row
 
 
 @dataclass
@@ -32,6 +33,9 @@ class CorDAConfig(MethodConfig):
     name: str = "corda_kpm"
     covariance_examples: int = 64  # general-pool sequences the covariance is collected on (one per forward:
     # PEFT's collection hook reads one sequence per call)
+
+
+ROWS = [Row("corda_kpm", "CorDA-KPM", "fresh", (("name", "corda_kpm"),))]
 
 
 class CorDAKPM(Method):

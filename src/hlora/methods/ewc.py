@@ -39,6 +39,7 @@ from ..data.packing import batches
 from ..lora import DriftPenalty, LoraRef, delta_w, lora_modules, to_weight_layout
 from ..util import adapter_disabled, eval_mode, model_device, requires_grad
 from .base import Method
+from .row import Row
 
 # Largest per-chunk (samples × out × in) tensor of per-sample gradients (elements, fp32 → 128 MiB).
 _CHUNK_ELEMENTS = 1 << 25
@@ -290,6 +291,9 @@ def _cache_key(model: nn.Module, cfg: EWCConfig, pool) -> dict:
             "targets": ",".join(dict.fromkeys(r.name.rsplit(".", 1)[-1] for r in lora_modules(model))),
             "data": str(d.get("data", "")), "data_tokens": str(d.get("tokens", "")), "seq_len": str(d.get("seq_len", "")),
             "fisher": cfg.fisher, "fisher_examples": str(cfg.fisher_examples)}
+
+
+ROWS = [Row("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam")]
 
 
 class EWC(Method):

@@ -20,6 +20,7 @@ from ..config import MethodConfig
 from ..data.packing import shuffled_batches
 from ..util import adapter_disabled, eval_mode
 from .base import Method
+from .row import Row
 
 
 @dataclass
@@ -50,6 +51,12 @@ def base_logits(model, inputs: dict) -> torch.Tensor:
         raise ValueError("KL-to-base needs a PEFT model (the base distribution is the model with its adapter off)")
     with torch.no_grad(), adapter_disabled(peft), eval_mode(peft):
         return peft(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+
+
+ROWS = [
+    Row("kl_general", "KL-to-base (general)", "fresh", (("name", "kl_general"),), sweep="beta"),
+    Row("kl_domain", "KL-to-base (domain)", "fresh", (("name", "kl_domain"),), sweep="beta"),
+]
 
 
 class _KL(Method):

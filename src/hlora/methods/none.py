@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..config import MethodConfig
 from .base import Method
+from .row import Row
 
 
 @dataclass
@@ -16,3 +17,13 @@ class PlainConfig(MethodConfig):
 class Plain(Method):
     config_class = PlainConfig
     stages = ("general", "domain")
+
+
+# Plain LoRA's rows; the report's grey reference in every fronts panel is LoRA(μ) (role "plain").
+ROWS = [
+    Row("base", "Base", "none", family="base"),
+    Row("lora_nu", "LoRA(ν) only", "nu_adapter"),  # stage ν alone: how far the general-text adapter itself moves
+    Row("lora_mu", "LoRA(μ)", "fresh", role="plain"),
+    Row("lora_nu_mu", "LoRA(ν+μ)", "nu"),
+    Row("rslora", "rsLoRA", "fresh", lora=("rslora=true",)),
+]

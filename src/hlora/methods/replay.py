@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from ..config import MethodConfig
 from .base import Method
+from .row import Row
 
 
 @dataclass
@@ -94,6 +95,9 @@ def mix_order(n_domain: int, n_general: int, steps: int, global_batch: int, k: i
     """The layout of `steps` steps with k general sequences each (see `_mix_steps`)."""
     layout = _mix_steps(n_domain, n_general, global_batch, lambda: k, seed)
     return [pair for _ in range(steps) for pair in next(layout)]
+
+
+ROWS = [Row("replay", "Replay", "fresh", (("name", "replay"),), sweep="rho")]
 
 
 class Replay(Method):

@@ -9,12 +9,22 @@ from dataclasses import dataclass
 
 from ..config import MethodConfig
 from .base import Method
+from .row import Row
 
 
 @dataclass
 class WiSEConfig(MethodConfig):
     name: str = "wise"
     alpha: float = 0.5  # scale of the trained ΔW at evaluation
+
+
+_W = (("name", "wise"),)
+# Each evaluates another row's trained adapter (its main cell) with ΔW scaled by α.
+ROWS = [
+    Row("wise_lora_mu", "WiSE-FT of LoRA(μ)", "lora_mu", _W, sweep="alpha", family="wise"),
+    Row("wise_lora_nu_mu", "WiSE-FT of LoRA(ν+μ)", "lora_nu_mu", _W, sweep="alpha", family="wise"),
+    Row("wise_hlora", "WiSE-FT of HLoRA", "hlora", _W, sweep="alpha", family="wise"),
+]
 
 
 class WiSE(Method):
