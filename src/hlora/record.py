@@ -15,7 +15,10 @@ it, and `hlora.report.load` reads results.json through it. Formats:
 
 Flattened for the report: `battery_acc` and `nu_text_ppl` (perplexity on the text flagged stage_nu_text).
 `family` (the fronts panel a row is drawn in) defaults to "base" for Base, "wise" for rows whose regularizer is
-"wise", "hlora" for row ids starting with "hlora", "alternatives" otherwise.
+"wise", "hlora" for row ids starting with "hlora", "alternatives" otherwise. `role` (the row's part in the report:
+"reference" = the row the others are matched against, "plain" = the grey reference in every fronts panel, "rival" =
+the row the reference is compared with item by item) is declared by the row (hlora.methods.Row); records written
+before rows declared it (no `role` key) get the roles of the rows of that time (OLD_ROLES).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from typing import Any
 
 RECORD_VERSION = 2
 BASE = "base"  # the untrained row
+# The roles of the rows of records written before rows declared them (no `role` key): read from these row ids.
+OLD_ROLES = {"hlora": "reference", "lora_mu": "plain", "ewc_lora": "rival"}
 OLD_GENERAL_EVAL = "wikitext"  # what general_* measured before records named their text (record_version 1)
 
 
@@ -47,6 +52,7 @@ _OPTIONAL: dict[str, tuple[Any, Any]] = {
     "record_version": (int, 1),
     "label": (str, None),
     "family": (str, None),
+    "role": (str, None),
     "lr": (_NUM, None),
     "general_eval": (str, None),
     "texts": (dict, None),
@@ -241,4 +247,6 @@ def normalize_record(rec: Any, i: int = 0, where: str = "results") -> dict:
         out["regularizer"] = "none" if out["method"] == BASE else name
     _normalize_texts(out)
     out["family"] = out["family"] or default_family(out["method"], out["regularizer"])
+    if "role" not in rec:
+        out["role"] = OLD_ROLES.get(out["method"])
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import ConfigError, EvalConfig, TrainConfig
 from ..files import write_json
 from ..methods import method_class
-from ..record import RECORD_VERSION, normalize_record
+from ..record import RECORD_VERSION, default_family, normalize_record
 from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_method
 from .run import _NOT_RESULTS, _canonical, _evaluate, _full_fisher, _trained, _transfer_tasks
 
@@ -55,6 +55,8 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     cost["wall_seconds"] = time.perf_counter() - t0
     rec = {
         "cell": cell.name, "method": cell.row.id, "label": cell.row.label, "regularizer": cell.method.name,
+        # the row's place in the report, as its method declares it
+        "family": cell.row.family or default_family(cell.row.id, cell.method.name), "role": cell.row.role or None,
         "task": cell.task, "seed": cell.seed, "main": cell.main,
         "sweep": {"param": cell.param or cell.row.sweep, "value": cell.point} if cell.point is not None else None,
         "lr": info.pop("lr", None),
@@ -73,11 +75,13 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
         "config": info.get("config") or {"model": dataclasses.asdict(cfg.model)},
         "settings_hash": want, "git_commit": _git_commit(), "versions": _versions(),
     }
-    ends = method_class(cell.method.name).front_ends
+    cls = method_class(cell.method.name)
+    ends = cls.front_ends
     if ends and cell.point is not None:  # cells that stand for the ends of this row's front
-        base = Cell(ROWS["base"], cell.task, cell.seed, _row_method(cfg, ROWS["base"])).name
+        base_row = next(r for r in ROWS.values() if r.start == "none")  # the untrained model's row
+        base = Cell(base_row, cell.task, cell.seed, _row_method(cfg, base_row)).name
         rec["front_ends"] = {f"{v:g}": base if who == "base" else info.get("source") for v, who in ends.items()}
-    if rec["importance_kind"] == "fisher":  # next to a Fisher: what one of the whole model would cost
+    if cls.compare_full_fisher:  # next to a Fisher: what one of the whole model would cost
         ff = _full_fisher(cfg)
         rec.update(full_fisher_bytes=ff["full_bytes"], full_fisher_seconds=ff["full_seconds"])
     rec.update(_general_measures(cfg, ev, adapter))

@@ -50,6 +50,7 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         return adapter, {**info, "source": src.name}
     extra: dict = {}
     init, importance, nu_cost = "", "", {}
+    imp_file, imp_kind = _importance_output(cfg)
     if row.start == "nu_adapter":
         nu = _nu_run(cfg, cell.seed)
         s = json.loads((nu / "summary.json").read_text())
@@ -57,14 +58,14 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
         cost = {"steps": 0, "train_seconds": 0.0, "domain_tokens": 0, "general_tokens": c["general_tokens"],
                 "extra_forward_tokens": 0, "nu_steps": s["steps"], "nu_train_seconds": s["train_seconds"]}
         return nu / "adapter", {"train_seconds": 0.0, "cost": cost, "curve": _curve(nu),
-                                "layer_norms": _layer_norms(nu / "importance.safetensors")}
+                                "layer_norms": _layer_norms(nu / imp_file) if imp_file else None}
     if row.start == "nu":
         nu = _nu_run(cfg, cell.seed)
-        init, importance = str(nu / "adapter"), str(nu / "importance.safetensors")
+        init, importance = str(nu / "adapter"), str(nu / imp_file) if imp_file else ""
         nu_sum = json.loads((nu / "summary.json").read_text())
         nu_cost = nu_sum["costs"] | {"train_seconds": nu_sum["train_seconds"], "steps": nu_sum["steps"]}
         extra.update({k: nu_sum[k] for k in ("importance_seconds", "importance_bytes") if k in nu_sum},
-                     importance_kind="si", layer_norms=_layer_norms(Path(importance)))
+                     importance_kind=imp_kind, layer_norms=_layer_norms(Path(importance)) if importance else None)
     rc = _stage_config(cfg, _domain_train(cfg, cell), cell.seed, cell.method, data=cell.task, init_adapter=init,
                        importance_file=importance)
     rc = apply_overrides(rc, [f"lora.{o}" for o in row.lora])
@@ -82,6 +83,14 @@ def _trained(cfg: ExperimentConfig, cell: Cell) -> tuple[Path | None, dict]:
             extra[k] = s[k]
     return run / "adapter", {**extra, "train_seconds": s["train_seconds"], "cost": cost, "curve": _curve(run),
                              "config": dataclasses.asdict(rc), "lr": rc.train.lr}
+
+
+def _importance_output(cfg: ExperimentConfig) -> tuple[str, str | None]:
+    """(file name, kind) of the importance stage ν's method writes (its first declared file); ("", None): none."""
+    from ..methods import method_class
+
+    writes = method_class(cfg.general_method.name).writes
+    return next(iter(writes.items()), ("", None))
 
 
 # Bumped when hlora.evaluate changes what it computes: cached evaluations of an older evaluator are not reused.

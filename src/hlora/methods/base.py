@@ -62,6 +62,12 @@ class Method:
     # (budget/dual.py) may steer during training, and the range it may take; "" = the method has none.
     coefficient: ClassVar[str] = ""
     coefficient_range: ClassVar[tuple[float, float]] = (0.0, float("inf"))
+    # The files the method writes into a run directory beside adapter/, {file name: kind}; a stage-ν method's
+    # first one is the importance a row starting from "nu" continues with (its records carry the kind).
+    writes: ClassVar[dict[str, str]] = {}
+    # Whether records of the method's cells also say what a full-model Fisher would cost (its own importance is a
+    # Fisher on the LoRA targets: the report sets the two side by side).
+    compare_full_fisher: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, ctx: StageContext):
         self.cfg, self.ctx = cfg, ctx

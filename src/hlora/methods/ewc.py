@@ -302,6 +302,7 @@ class EWC(Method):
     every cell made with the same settings (`_cache_key`); a file of another kind is never overwritten."""
 
     config_class = EWCConfig
+    compare_full_fisher = True
     coefficient, coefficient_range = "lam", (1e-6, 1e10)
 
     def setup(self, model: nn.Module) -> None:

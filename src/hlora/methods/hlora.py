@@ -46,6 +46,7 @@ from .row import Row
 WEIGHTINGS = ("softmax", "uniform")
 GROUPS = ("module", "block")
 NORMS = ("none", "mean")
+IMPORTANCE_FILE = "importance.safetensors"
 
 
 def _parse_layer_scale(layer_scale):
@@ -265,6 +266,7 @@ ROWS = [
 class HLoRA(Method):
     config_class = HLoRAConfig
     stages = ("general", "domain")
+    writes = {IMPORTANCE_FILE: "si"}  # stage ν: SI importance Ω (and ΔW^ν) beside the adapter
     coefficient, coefficient_range = "phi", (1e-8, 1e8)
 
     def setup(self, model: nn.Module) -> None:
@@ -308,6 +310,6 @@ class HLoRA(Method):
             "data": json.dumps(summary["data"]), "seconds": f"{self.recorder.seconds:.4f}",
         })
         # ΔW^ν is the adapter saved beside it (stage μ starts from it, checked by adapter_hash): not stored twice.
-        path = imp.save(out / "importance.safetensors", dtype=c.importance_dtype, reference=False)
+        path = imp.save(out / IMPORTANCE_FILE, dtype=c.importance_dtype, reference=False)
         self.costs.extra["importance_seconds"] = self.recorder.seconds
         return {**info, "importance_seconds": self.recorder.seconds, "importance_bytes": path.stat().st_size}

@@ -16,8 +16,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..files import atomic_path
-from .load import BASE, PLAIN, family_label, general_names, main_cells, row_labels, row_order, task_label, task_order
-from .stats import CAP_RATIO, REFERENCE, aggregate, base_point, front, item_comparison, reference_accuracy
+from .load import BASE, family_label, role_row, general_names, main_cells, row_labels, row_order, task_label, task_order
+from .stats import CAP_RATIO, aggregate, base_point, front, item_comparison, reference_accuracy
 
 __all__ = [
     "DPI",
@@ -217,7 +217,7 @@ def by_family(records: Iterable[dict], task: str) -> bool:
     return any(r["task"] == task and r.get("battery_acc") is not None for r in records)
 
 
-def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, reference: str = REFERENCE,
+def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, reference: str | None = None,
                 cap_ratio: float = CAP_RATIO, families: bool | None = None,
                 metrics: Iterable[str] | None = None) -> Path | None:  # fmt: skip
     """Domain accuracy (x) against general ability (y) on one task, each row's front drawn as a line
@@ -228,8 +228,10 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
     Base when the records have it, a third setting KL (x) against perplexity (y). With it (`families`
     True): panels of perplexity, KL and the battery's mean (or `metrics`) in columns, one row of panels
     per family of rows (the records' `family`: HLoRA and its variants, practical alternatives, WiSE-FT
-    curves), Base and, thin and grey, LoRA(μ) in every row. None when the task has no record."""
+    curves), Base and, thin and grey, the row whose records say role "plain" (LoRA(μ)) in every row. `reference`:
+    default the row whose records say role "reference". None when the task has no record."""
     records = list(records)
+    reference = reference or role_row(records, "reference")
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
@@ -286,6 +288,7 @@ def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out
     styles, labels = style(records), row_labels(records)
     base, acc_ref = base_point(recs, task), reference_accuracy(recs, task, reference)
     fronts = {m: front(recs, m, task) for m in row_order(recs)}
+    plain = role_row(records, "plain")
     fig = new_figure(4.6 * len(ys) + 3.4, 3.5 * len(fams) + 1.0)
     axes = fig.subplots(len(fams), len(ys), squeeze=False, sharex=True, sharey="col")
     shared: dict[str, Any] = {}  # Base, LoRA(μ) as a reference, the guides: one legend under the figure
@@ -294,12 +297,12 @@ def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out
         drawn = set(members) | {BASE}
         for j, metric in enumerate(ys):
             ax = axes[i, j]
-            rows = [BASE] + ([PLAIN] if PLAIN in fronts and PLAIN not in members else []) + members
+            rows = [BASE] + ([plain] if plain in fronts and plain not in members else []) + members
             for m in rows:
                 pts = [p for p in fronts.get(m, []) if p[metric] is not None and p["acc"] is not None]
                 if not pts:
                     continue
-                thin = m == PLAIN and m not in members
+                thin = m == plain and m not in members
                 label = _front_label(labels[m], pts) + (" (grey reference)" if thin else "")
                 h = _draw_front(ax, pts, metric, styles[m], label, m == BASE, thin=thin)
                 (shared if m == BASE or thin else own).setdefault(label, h)
@@ -487,11 +490,11 @@ def plot_loss_curves(records: Iterable[dict], out_png: str | Path) -> Path | Non
 
 # ----------------------------------------------------------------------------- per-item violins
 
-def violin_pair(records: Iterable[dict], a: str = REFERENCE) -> tuple[str, str]:
-    """(a, b) rows for the per-item comparison: the reference against the EWC row (regularizer "ewc",
-    else the row id "ewc_lora")."""
-    ewc = [m for m in row_order(r for r in records if r.get("regularizer") == "ewc")]
-    return a, (ewc[0] if ewc else "ewc_lora")
+def violin_pair(records: Iterable[dict], a: str | None = None) -> tuple[str | None, str | None]:
+    """(a, b) rows for the per-item comparison: the reference (`a`, default the row whose records say role
+    "reference") against the row whose records say role "rival" (EWC-LoRA); None where no record says it."""
+    records = list(records)
+    return a or role_row(records, "reference"), role_row(records, "rival")
 
 
 def _violin(ax, x: np.ndarray, pos: int, color) -> None:

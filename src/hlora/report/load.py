@@ -30,10 +30,8 @@ __all__ = [
     "text_label",
     "general_names",
     "BASE",
-    "PLAIN",
+    "role_row",
 ]
-
-PLAIN = "lora_mu"  # plain LoRA on the domain: the thin grey reference in every family panel of the fronts
 
 _TEXT_LABELS = {"c4": "C4", "wikitext": "WikiText-2"}
 _FAMILY_LABELS = {"base": "Base", "hlora": "HLoRA and its variants", "alternatives": "Practical alternatives",
@@ -73,6 +71,12 @@ def load_results(path: str | Path) -> list[dict]:
 def row_order(records: Iterable[dict]) -> list[str]:
     """Row (method) ids in order of first appearance: the runner's order."""
     return list(dict.fromkeys(r["method"] for r in records))
+
+
+def role_row(records: Iterable[dict], role: str) -> str | None:
+    """The first row (record order) whose records carry `role` (see hlora.record: "reference", "plain", "rival"),
+    or None."""
+    return next((r["method"] for r in records if r.get("role") == role), None)
 
 
 def task_order(records: Iterable[dict]) -> list[str]:

@@ -14,11 +14,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .load import BASE, main_cells, row_labels, row_order, sweep_key, task_order
+from .load import BASE, main_cells, role_row, row_labels, row_order, sweep_key, task_order
 
 __all__ = [
     "CAP_RATIO",
-    "REFERENCE",
     "ttest",
     "mean_std",
     "aggregate",
@@ -43,7 +42,6 @@ __all__ = [
 ]
 
 CAP_RATIO = 1.02  # perplexity cap = Base perplexity + 2 %
-REFERENCE = "hlora"  # the row whose main accuracy the others are matched at
 _TOL = 1e-12  # accuracies closer than this are the same accuracy (seed means of the same cells)
 
 Front = Sequence[tuple[float, float]]
@@ -212,9 +210,11 @@ def dominated_area(front: Front, base: tuple[float, float]) -> float:
 
 # ----------------------------------------------------------------------------- matched accuracy
 
-def reference_accuracy(records: Iterable[dict], task: str, reference: str = REFERENCE,
+def reference_accuracy(records: Iterable[dict], task: str, reference: str | None = None,
                        seed: int | None = None) -> float | None:  # fmt: skip
     """Mean accuracy of the reference row's main cells on a task (one seed's when `seed` is given)."""
+    records = list(records)
+    reference = reference or role_row(records, "reference")  # the row that declares itself the reference
     accs = [r["acc"] for r in main_cells(records)
             if r["method"] == reference and r["task"] == task and seed in (None, r["seed"])]  # fmt: skip
     return float(np.mean(accs)) if accs else None
@@ -227,7 +227,7 @@ def _reference_metric(records: list[dict], task: str, reference: str, seed: int,
     return float(np.mean(vals)) if vals else None
 
 
-def paired_matched_test(records: Iterable[dict], method: str, task: str, reference: str = REFERENCE,
+def paired_matched_test(records: Iterable[dict], method: str, task: str, reference: str | None = None,
                         metric: str = "general_ppl") -> dict:  # fmt: skip
     """Paired t-test over seeds of the reference's perplexity (or `metric`) against a row's, at matched accuracy.
 
@@ -237,6 +237,7 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
     t and p are nan when n < 2.
     """
     records = list(records)
+    reference = reference or role_row(records, "reference")  # the row that declares itself the reference
     ref_seeds = sorted({r["seed"] for r in main_cells(records) if r["method"] == reference and r["task"] == task})
     a, b, seeds = [], [], []
     for s in ref_seeds:
@@ -255,7 +256,7 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
 _H2H_METRICS = ("acc", "general_ppl", "general_kl", "battery_acc", "nu_text_ppl")
 
 
-def head_to_head(records: Iterable[dict], task: str, reference: str = REFERENCE) -> dict:
+def head_to_head(records: Iterable[dict], task: str, reference: str | None = None) -> dict:
     """Every row's own front points against the reference's main cell, paired seed by seed.
 
     "At the same domain gain" without interpolation: where domain accuracy saturates, the accuracy
@@ -270,6 +271,8 @@ def head_to_head(records: Iterable[dict], task: str, reference: str = REFERENCE)
     Returns {"task", "reference", "ref": {metric: seed mean}, "rows": [{"method", "label", "sweep",
     "main", "seeds", metric: seed mean, "d_"+metric, "p_"+metric}]}.
     """
+    records = list(records)
+    reference = reference or role_row(records, "reference")  # the row that declares itself the reference
     records = [r for r in records if r["task"] == task]
     labels = row_labels(records)
     ref = {r["seed"]: r for r in main_cells(records) if r["method"] == reference}
@@ -336,7 +339,7 @@ def _matched_row(records: list[dict], method: str, task: str, acc_ref: float | N
     return row
 
 
-def matched_summary(records: Iterable[dict], task: str, reference: str = REFERENCE,
+def matched_summary(records: Iterable[dict], task: str, reference: str | None = None,
                     cap_ratio: float = CAP_RATIO) -> dict:  # fmt: skip
     """Every row of a task compared along its front (the matched-accuracy table).
 
@@ -348,6 +351,8 @@ def matched_summary(records: Iterable[dict], task: str, reference: str = REFEREN
     accuracy) at acc_ref and "battery_test", its paired test (reference − row); with stage ν's own text
     beside the general one: "nu_ppl" at acc_ref.
     """
+    records = list(records)
+    reference = reference or role_row(records, "reference")  # the row that declares itself the reference
     records = [r for r in records if r["task"] == task]
     labels = row_labels(records)
     acc_ref = reference_accuracy(records, task, reference)
@@ -361,7 +366,7 @@ def matched_summary(records: Iterable[dict], task: str, reference: str = REFEREN
 
 # ----------------------------------------------------------------------------- retention and compute
 
-def transfer_summary(records: Iterable[dict], task: str, reference: str = REFERENCE) -> dict:
+def transfer_summary(records: Iterable[dict], task: str, reference: str | None = None) -> dict:
     """Accuracy on the tasks a model was not tuned on, per main row tuned on `task`.
 
     Returns {"task", "reference", "targets": [transfer tasks], "base": {target: mean acc of Base},
@@ -370,6 +375,8 @@ def transfer_summary(records: Iterable[dict], task: str, reference: str = REFERE
     with the reference row (nan for fewer than two, and for the reference itself): transfer items
     are the same for every cell of a seed, so pairing by seed removes the item draw.
     """
+    records = list(records)
+    reference = reference or role_row(records, "reference")  # the row that declares itself the reference
     mine = [r for r in main_cells(records) if r["task"] == task and r.get("transfer")]
     labels = row_labels(mine)
     targets = list(dict.fromkeys(t for r in mine for t in r["transfer"]))
@@ -429,9 +436,11 @@ def compute_summary(records: Iterable[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- significance
 
-def seed_significance(records: Iterable[dict], method: str = REFERENCE) -> list[dict]:
+def seed_significance(records: Iterable[dict], method: str | None = None) -> list[dict]:
     """Welch t-tests over seeds of `method` against every other row, per task, on general PPL and
     accuracy of the main cells (not matched: see `paired_matched_test`). Needs ≥ 2 seeds on both sides."""
+    records = list(records)
+    method = method or role_row(records, "reference")  # the row that declares itself the reference
     by: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in main_cells(records):
         by[(r["method"], r["task"])].append(r)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .load import BASE, general_names, main_cells, row_labels, row_order, task_label, task_order
+from .load import BASE, general_names, main_cells, role_row, row_labels, row_order, task_label, task_order
 from .stats import COST_FIELDS, PRIOR_P, aggregate, front, mean_std
 
 __all__ = [
@@ -280,13 +280,21 @@ def grid_latex(grid: dict, caption: str, label: str) -> str:
 
 # ----------------------------------------------------------------------------- importance cost (paper 6.2)
 
-def _pick(records: list[dict], method: str, kind: str) -> tuple[list[dict], str]:
+# What an importance kind (the `importance_kind` a method's records carry) is called in the complexity table.
+_KIND_NAMES = {"si": "SI importance", "fisher": "Diagonal Fisher, LoRA targets"}
+
+
+def _kind(records: list[dict], method: str | None) -> str | None:
+    return next((r["importance_kind"] for r in records if r["method"] == method and r.get("importance_kind")), None)
+
+
+def _pick(records: list[dict], method: str | None, kind: str | None) -> tuple[list[dict], str]:
     """The records that carry one importance's cost: the row's main cells, else any of that kind."""
     labels = row_labels(records)
     rs = [r for r in main_cells(records) if r["method"] == method]
     if any(r["importance_seconds"] is not None or r["importance_bytes"] is not None for r in rs):
         return rs, labels[method]
-    rs = [r for r in records if r.get("importance_kind") == kind]
+    rs = [r for r in records if kind is not None and r.get("importance_kind") == kind]
     return rs, ",".join(labels[m] for m in row_order(rs))
 
 
@@ -298,17 +306,23 @@ def _cost_stats(rs: list[dict], sec_key: str, byte_key: str) -> dict:
             "bytes": float(np.mean(byts)) if byts else None}  # fmt: skip
 
 
-def complexity(records: Iterable[dict]) -> dict:
-    """Importance cost: SI (HLoRA) vs diagonal Fisher on the LoRA targets (EWC-LoRA) vs full-model
-    Fisher, with ratios. Means over the records that carry each number (None where none does)."""
+def complexity(records: Iterable[dict], reference: str | None = None, rival: str | None = None) -> dict:
+    """Importance cost: the reference's importance (SI, HLoRA) vs the rival's (diagonal Fisher on the LoRA targets,
+    EWC-LoRA) vs full-model Fisher, with ratios; the two rows default to the rows whose records say role
+    "reference" and "rival". Means over the records that carry each number (None where none does)."""
     records = list(records)
-    si_rs, si_src = _pick(records, "hlora", "si")
-    fi_rs, fi_src = _pick(records, "ewc_lora", "fisher")
+    labels = row_labels(records)
+    ref, riv = reference or role_row(records, "reference"), rival or role_row(records, "rival")
+    (ref_kind, riv_kind) = (_kind(records, ref) or "si", _kind(records, riv) or "fisher")
+    si_rs, si_src = _pick(records, ref, ref_kind)
+    fi_rs, fi_src = _pick(records, riv, riv_kind)
+
+    def name(kind, row):
+        return f"{_KIND_NAMES.get(kind, kind)} ({labels.get(row, row)})" if row else _KIND_NAMES.get(kind, kind)
+
     rows = [
-        {"name": "SI importance (HLoRA)", "source": si_src,
-         **_cost_stats(si_rs, "importance_seconds", "importance_bytes")},
-        {"name": "Diagonal Fisher, LoRA targets (EWC-LoRA)", "source": fi_src,
-         **_cost_stats(fi_rs, "importance_seconds", "importance_bytes")},
+        {"name": name(ref_kind, ref), "source": si_src, **_cost_stats(si_rs, "importance_seconds", "importance_bytes")},
+        {"name": name(riv_kind, riv), "source": fi_src, **_cost_stats(fi_rs, "importance_seconds", "importance_bytes")},
         {"name": "Full-model diagonal Fisher", "source": "full_fisher_*",
          **_cost_stats(records, "full_fisher_seconds", "full_fisher_bytes")},
     ]  # fmt: skip
@@ -378,7 +392,7 @@ def complexity_latex(comp: dict, caption: str, label: str) -> str:
 
 # ----------------------------------------------------------------------------- significance over seeds
 
-def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None, method: str = "hlora",
+def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None, method: str = "",
                           names: dict | None = None) -> str:  # fmt: skip
     """Welch t-tests of `stats.seed_significance` as a Markdown table (`names`: `load.general_names`)."""
     labels = labels or {}

@@ -15,9 +15,8 @@ from ..files import write_text
 from . import figures as F
 from . import tables as T
 from .importance import importance_heatmap
-from .load import general_names, load_results, main_cells, row_labels, row_order, task_label, task_order
+from .load import general_names, load_results, main_cells, role_row, row_labels, row_order, task_label, task_order
 from .stats import (
-    REFERENCE,
     compute_summary,
     head_to_head,
     item_comparison,
@@ -90,7 +89,7 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     """Compute every table, write its CSV/LaTeX files, return the Markdown sections by name."""
     labels, names = row_labels(records), general_names(records)
     t1, t2 = T.results_grid(records), T.results_grid(records, T.ABLATION_METHODS)
-    comp = T.complexity(records)
+    comp = T.complexity(records, reference)
     matched = [matched_summary(records, t, reference) for t in task_order(records)]
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
     transfer = [s for t in task_order(main_cells(records))
@@ -164,22 +163,23 @@ def _table_notes(records, t2, comp, matched, transfer, reference, out: _Out) -> 
 
 # ----------------------------------------------------------------------------- figures
 
-def _heatmap_source(records: list[dict]) -> dict | None:
-    """The record whose layer_norms to draw: a main HLoRA record with SI importance, lowest seed."""
+def _heatmap_source(records: list[dict], reference: str | None) -> dict | None:
+    """The record whose layer_norms to draw: a main record of the reference with its importance kind, lowest seed."""
     cands = [r for r in records if r["layer_norms"]]
     if not cands:
         return None
     tasks = task_order(records)
+    kind = next((r["importance_kind"] for r in records if r["method"] == reference and r.get("importance_kind")), None)
 
     def rank(r):
-        return (not r["main"], r["method"] != REFERENCE, r.get("importance_kind") not in (None, "si"), r["seed"],
+        return (not r["main"], r["method"] != reference, r.get("importance_kind") not in (None, kind), r["seed"],
                 tasks.index(r["task"]))  # fmt: skip
 
     return min(cands, key=rank)
 
 
-def _heatmap(records: list[dict], out: _Out) -> None:
-    src = _heatmap_source(records)
+def _heatmap(records: list[dict], reference: str | None, out: _Out) -> None:
+    src = _heatmap_source(records, reference)
     name = "importance_heatmap.png"
     if src is None:
         out.skipped[name] = "no record has layer_norms"
@@ -214,7 +214,7 @@ def _figures(records: list[dict], reference: str, out: _Out) -> list[str]:
         fronts.append(name)
     out.figure("loss_curves.png", lambda p: F.plot_loss_curves(records, p), FIGURE_CAPTIONS["loss_curves.png"],
                _SKIP_REASONS["loss_curves.png"])  # fmt: skip
-    _heatmap(records, out)
+    _heatmap(records, reference, out)
     for name, plot in (("sweeps.png", F.plot_sweeps), ("violin_hlora_vs_ewc.png", F.plot_violin),
                        ("acc_vs_ppl.png", F.plot_acc_vs_ppl)):  # fmt: skip
         out.figure(name, lambda p, plot=plot: plot(records, p), FIGURE_CAPTIONS[name], _SKIP_REASONS[name])
@@ -291,15 +291,17 @@ def _report_md(records, source: str, md: dict, fronts: list[str], reference: str
     return "\n".join(lines)
 
 
-def write_report(results_path: str | Path, out_dir: str | Path, reference: str = REFERENCE) -> dict:
+def write_report(results_path: str | Path, out_dir: str | Path, reference: str | None = None) -> dict:
     """Tables, figures and `report.md` from `results.json` into out_dir, every file atomically.
 
     Reads only results_path, and checks it fully before writing anything. `reference` is the row
-    the others are matched against (its main cell's accuracy). Returns {"files": [paths written],
+    the others are matched against (its main cell's accuracy); default the row whose records say role "reference"
+    (hlora.record: HLoRA for records older than roles). Returns {"files": [paths written],
     "skipped": {figure: reason}, "notes": [notes in report.md]}.
     """
     results_path = Path(results_path)
     records = load_results(results_path)
+    reference = reference or role_row(records, "reference") or ""
     out = _Out(Path(out_dir))
     _record_notes(records, out)
     md = _table_sections(records, reference, out)
