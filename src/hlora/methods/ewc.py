@@ -293,7 +293,8 @@ def _cache_key(model: nn.Module, cfg: EWCConfig, pool) -> dict:
             "fisher": cfg.fisher, "fisher_examples": str(cfg.fisher_examples)}
 
 
-ROWS = [Row("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam")]
+# EWC-LoRA is the report's rival: the reference (HLoRA) is compared with it item by item, and its Fisher with SI.
+ROWS = [Row("ewc_lora", "EWC-LoRA", "fresh", (("name", "ewc"),), sweep="lam", role="rival")]
 
 
 class EWC(Method):

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 STARTS = ("none", "fresh", "nu", "nu_adapter")  # or the id of the row whose trained adapter this row evaluates
-ROLES = ("", "reference", "plain")
+ROLES = ("", "reference", "plain", "rival")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class Row:
     lora: tuple[str, ...] = ()  # LoRA overrides, e.g. ("rslora=true",)
     sweep: str = ""  # the method field the row's front varies
     # The report: the fronts panel the row is drawn in ("" = hlora.record.default_family), and its role:
-    # "reference" (the row the others are matched against), "plain" (the thin grey reference in every panel).
+    # "reference" (the row the others are matched against), "plain" (the thin grey reference in every panel),
+    # "rival" (the row the reference is compared with item by item, and whose importance cost is set beside its own).
     family: str = ""
     role: str = ""
 
