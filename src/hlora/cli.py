@@ -6,19 +6,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-# Flags that are shorthands for dotted overrides (the override wins if both are given).
+# Flags that are shorthands for dotted overrides (the override wins if both are given). The method's own flags
+# (--phi, --lam, ...) are generated from the registered methods' config classes (`method_flags`).
 RUN_FLAGS = {
     "--model": "model.name", "--data": "data", "--general-data": "general_data", "--out": "out",
     "--init-adapter": "init_adapter", "--importance": "importance_file",
-    # the method first: its fields below are checked against the config class it selects
-    "--method": "method.name", "--phi": "method.phi", "--layer-weighting": "method.layer_weighting",
-    "--layer-scale": "method.layer_scale", "--layer-group": "method.layer_group", "--omega-norm": "method.omega_norm",
-    "--xi": "method.xi", "--clamp": "method.clamp", "--grad": "method.grad", "--unclipped": "method.unclipped",
-    "--consolidate": "method.consolidate", "--importance-dtype": "method.importance_dtype",
-    "--lam": "method.lam", "--fisher": "method.fisher", "--fisher-file": "method.fisher_file",
-    "--rho": "method.rho", "--beta": "method.beta",
+    # the method first: its fields are checked against the config class it selects
+    "--method": "method.name",
     "--targets": "lora.targets", "--r": "lora.r", "--alpha": "lora.alpha", "--lora-dropout": "lora.dropout",
     "--rslora": "lora.rslora",
     "--lr": "train.lr", "--schedule": "train.schedule", "--batch-size": "train.batch_size",
@@ -32,11 +29,50 @@ class CLIError(Exception):
     pass
 
 
-def _add_common(p: argparse.ArgumentParser, flags: dict[str, str] | None = None):
+def method_flags(taken: Iterable[str] = ()) -> dict[str, tuple[str, str]]:
+    """--field-name -> (method.field_name, help) for every field of every registered method's config class
+    (registry order; a field several methods share is one flag). A flag in `taken` (e.g. --alpha, LoRA's) is left
+    out: that field is still `method.<field>=V`."""
+    import dataclasses
+
+    from .methods import config_classes
+
+    out: dict[str, tuple[str, str]] = {}
+    owners: dict[str, list[str]] = {}
+    for name, cls in config_classes().items():
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "name" or flag in taken:
+                continue
+            owners.setdefault(flag, []).append(name)
+            out[flag] = (f"method.{f.name}", "")
+    return {flag: (key, f"same as {key}=V (method {', '.join(owners[flag])})") for flag, (key, _) in out.items()}
+
+
+def run_flags() -> dict[str, tuple[str, str]]:
+    """The flags of `hlora general` / `domain` / `tune`: RUN_FLAGS and the methods' own, flag -> (key, help)."""
+    out = {flag: (key, f"same as {key}=V") for flag, key in RUN_FLAGS.items()}
+    from .methods import REGISTRY
+
+    out["--method"] = ("method.name", f"same as method.name=V: {' | '.join(REGISTRY)}")
+    return {**out, **method_flags(taken=out)}
+
+
+def _add_eval_method_flags(p: argparse.ArgumentParser) -> None:
+    """The flags methods that change evaluation declare on their config class (`eval_flags`: {flag: (field,
+    help)}, e.g. WiSE-FT's --scale for its α)."""
+    from .methods import config_classes
+
+    for name, cls in config_classes().items():
+        for flag, (field, help_) in getattr(cls, "eval_flags", {}).items():
+            p.add_argument(flag, dest=f"evalmethod:{name}:{field}", metavar="V", help=f"{help_} (method.{field} of {name})")
+
+
+def _add_common(p: argparse.ArgumentParser, flags: dict[str, tuple[str, str]] | None = None):
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
-    for flag, key in (flags or {}).items():
-        p.add_argument(flag, dest="flag:" + key, metavar="V", help=f"same as {key}=V")
+    for flag, (key, help_) in (flags or {}).items():
+        p.add_argument(flag, dest="flag:" + key, metavar="V", help=help_)
 
 
 def _overrides(args) -> list[str]:
@@ -99,11 +135,19 @@ def cmd_eval(args):
     if args.limit is not None:
         ecfg.limit = args.limit
     method = None
-    if args.scale is not None:  # WiSE-FT: the adapter's ΔW scaled by α at evaluation
+    chosen: dict[str, dict] = {}  # a method that changes evaluation (WiSE-FT's --scale), by its declared flags
+    for dest, v in vars(args).items():
+        if dest.startswith("evalmethod:") and v is not None:
+            _, name, field = dest.split(":")
+            chosen.setdefault(name, {})[field] = v
+    if len(chosen) > 1:
+        raise CLIError(f"flags of several methods given ({', '.join(chosen)}): evaluation takes one")
+    if chosen:
         from .config import method_config
         from .methods import StageContext, build_method
 
-        method = build_method(method_config("wise", alpha=args.scale), StageContext(stage="domain"))
+        (name, fields_), = chosen.items()
+        method = build_method(method_config(name, **fields_), StageContext(stage="domain"))
     res = evaluate_checkpoint(ModelConfig(name=args.model, dtype=args.dtype), args.adapter, ecfg.tasks, ecfg,
                               out=args.out, method=method)
     print(format_eval_table(res))
@@ -163,14 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hlora", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    flags = run_flags()
     g = sub.add_parser("general", help="stage ν: LoRA on general text, recording SI importance")
-    _add_common(g, RUN_FLAGS)
+    _add_common(g, flags)
     g.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
     g.set_defaults(fn=cmd_general)
 
-    d = sub.add_parser("domain", help="stage μ: LoRA on a task with a method (--method hlora|none|ewc|replay|"
-                                      "kl_general|kl_domain|corda_kpm)")
-    _add_common(d, RUN_FLAGS)
+    d = sub.add_parser("domain", help="stage μ: LoRA on a task with a method (--method, one of the registered methods)")
+    _add_common(d, flags)
     d.add_argument("--resume", action="store_true", help="continue an interrupted run directory")
     d.set_defaults(fn=cmd_domain)
 
@@ -182,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "siqa,copa,winogrande), text:FILE, mcq:FILE")
     e.add_argument("--limit", type=int, help="first N items of each MCQ task")
     e.add_argument("--dtype", default="float32")
-    e.add_argument("--scale", type=float, help="WiSE-FT: evaluate the adapter's ΔW scaled by this α in [0, 1]")
+    _add_eval_method_flags(e)
     e.add_argument("--out", help="write metrics and per-item scores here (JSON)")
     e.set_defaults(fn=cmd_eval)
 
@@ -228,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(fn=cmd_demo)
 
     tu = sub.add_parser("tune", help="the most domain-accurate model within a forgetting budget (--budget c4_kl=0.05)")
-    _add_common(tu, {k: v for k, v in RUN_FLAGS.items() if k != "--method"})
+    _add_common(tu, {k: v for k, v in flags.items() if k != "--method"})
     tu.add_argument("--method", help="none (α search), hlora|kl_general|ewc|replay (steered, then α), auto (default)")
     tu.add_argument("--budget", help="MEASURE=LIMIT: c4_kl=0.05, c4_ppl_rise_pct=2, battery_drop_pts=1, "
                                      "wikitext_ppl_rise_pct=2, text:FILE_kl=...")

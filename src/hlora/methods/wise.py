@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..config import MethodConfig
 from .base import Method
@@ -16,6 +17,8 @@ from .row import Row
 class WiSEConfig(MethodConfig):
     name: str = "wise"
     alpha: float = 0.5  # scale of the trained ΔW at evaluation
+    # `hlora eval --scale α`: this method, with this α, applied to the adapter being evaluated
+    eval_flags: ClassVar[dict] = {"--scale": ("alpha", "WiSE-FT: evaluate the adapter's ΔW scaled by this α in [0, 1]")}
 
 
 _W = (("name", "wise"),)
