@@ -11,8 +11,8 @@ step, +SI recording, +each method's per-step work) and summarised by the median,
 them alike; overheads are ratios to the plain PEFT LoRA step of the same setting (1.0 = no overhead). Nothing here
 asserts a threshold: it prints what it measured beside the target.
 
-Keys of the JSON: settings {<setting>: {lora_targets, r, si_overhead {paper, exact}, penalty_overhead {hlora,
-ewc, kl_domain, kl_general, replay}, fisher_over_si, storage_ratio_fp32, storage_ratio_half (Ω in bf16),
+Keys of the JSON: settings {<setting>: {lora_targets, r, si_overhead {paper, exact}, penalty_overhead {method: ratio}
+(every method that declares a bench variant: hlora, ewc, kl_*, replay), fisher_over_si, storage_ratio_fp32, storage_ratio_half (Ω in bf16),
 train_tokens_per_s, matmul_peak_fraction {train}, memory {plan, measured}, details}}; and once (no adapter):
 eval_speedup_vs_lmeval {sciq, piqa} (from benchmarks/lmeval_parity.py, which runs lm-evaluation-harness in its
 own venv), eval_tokens_per_s, matmul_peak_fraction {eval}. Older JSONs (one setting, q,v r=8, keys at the top)
@@ -154,6 +154,19 @@ def _batches(model_name: str, tok, batch_size: int, seq_len: int, vocab: int, de
         return tuple({"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids)
 
 
+def method_variants(model: nn.Module, ctx, omega: dict, domain: dict, general: dict) -> dict[str, dict]:
+    """{method: what the bench times of its per-step work (Method.bench_variant)} for every registered method that
+    declares some, registry order."""
+    from .methods import REGISTRY, build_method
+
+    out = {}
+    for name in REGISTRY:
+        v = build_method(method_config(name), ctx).bench_variant(model, omega, domain, general)
+        if v is not None:
+            out[name] = v
+    return out
+
+
 def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_len: int = 128, rounds: int = 5,
                    fisher_examples: int = 64, targets: list[str] | None = None, r: int = 8) -> dict:
     """Seconds per training step of each variant (median over interleaved rounds) with LoRA on `targets` at rank
@@ -161,10 +174,8 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     the recorder and the penalties hold (memory.held_bytes) beside the memory plan's count."""
     from .memory import held_bytes
     from .memory import plan as memory_plan
-    from .importance import Importance
-    from .methods import StageContext, build_method
-    from .methods.ewc import EWCPenalty, fisher_diagonal
-    from .methods.hlora import HLoRAPenalty
+    from .methods import StageContext
+    from .methods.ewc import fisher_diagonal
     from .model import attach_lora, load_model
     from .si import SIRecorder
 
@@ -181,25 +192,17 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
             ref.B.normal_(0, 1e-3)
     g = torch.Generator().manual_seed(0)
     omega = {ref.name: torch.rand(ref.base_weight.shape, generator=g) for ref in lora_modules(model)}
-    hl = HLoRAPenalty(model, Importance(omega, metadata={"kind": "si"}), reference="current", phi=1e-3)
-    ewc = EWCPenalty(model, omega, lam=0.5)
     run = RunConfig(train=TrainConfig(batch_size=batch_size, seq_len=seq_len))
     pool = [{k: v[i].cpu() for k, v in general.items()} for i in range(batch_size)]
     ctx = StageContext(stage="domain", run=run, general_pool=lambda: pool)
-    kl_d, kl_g = build_method(method_config("kl_domain"), ctx), build_method(method_config("kl_general"), ctx)
-    kl_g.setup(model)
-    replay = {k: torch.cat([general[k][: batch_size // 4], domain[k][batch_size // 4:]]) for k in domain}
+    per_method = method_variants(model, ctx, omega, domain, general)
     variants = [
         _Variant("lora"),
         _Variant("si_paper", make_recorder=lambda m: SIRecorder(m, grad="paper")),
         _Variant("si_exact", make_recorder=lambda m: SIRecorder(m, grad="exact")),
-        _Variant("hlora", extra=lambda m, b, o: hl.penalty()),
-        _Variant("ewc", extra=lambda m, b, o: ewc.penalty()),
-        _Variant("kl_domain", extra=kl_d.loss),
-        _Variant("kl_general", extra=kl_g.loss),
-        _Variant("replay"),  # a quarter of the batch from the general pool: the same work as a plain step
+        *(_Variant(name, extra=v.get("extra")) for name, v in per_method.items()),
     ]
-    batch_of = {"replay": replay}
+    batch_of = {name: v["batch"] for name, v in per_method.items() if v.get("batch") is not None}
     per_round = max(1, steps // rounds)
     for v in variants:  # warm-up
         with v.active(model):
@@ -222,7 +225,7 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     rec_step = {k: statistics.median(x) for k, x in recorder_per_step.items()}
 
     # What the recorder (after two steps) and the penalties (after the timed steps) hold, against the plan.
-    measured = {"hlora_penalty": held_bytes(hl), "ewc_penalty": held_bytes(ewc)}
+    measured = {f"{name}_penalty": held_bytes(v["held"]) for name, v in per_method.items() if v.get("held") is not None}
     for grad in ("paper", "exact"):
         v = _Variant(f"si_{grad}", make_recorder=lambda m, grad=grad: SIRecorder(m, grad=grad))
         with v.active(model):
@@ -235,8 +238,7 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
                  for grad in ("paper", "exact")}
         planned = {"recorder_paper": plans["paper"]["recorder"]["held_bytes"],
                    "recorder_exact": plans["exact"]["recorder"]["held_bytes"],
-                   "hlora_penalty": plans["paper"]["hlora_penalty"]["held_bytes"],
-                   "ewc_penalty": plans["paper"]["ewc_penalty"]["held_bytes"]}
+                   **{k: (plans["paper"].get(k) or {}).get("held_bytes") for k in measured if k.endswith("_penalty")}}
     except ValueError as e:  # an architecture the plan does not know
         plans, planned = {"paper": {"error": str(e)}}, {k: None for k in measured}
 
@@ -254,7 +256,7 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
         "model": model_name, "lora_targets": targets, "r": r, "device": str(dev), "batch_size": batch_size,
         "seq_len": seq_len, "rounds": rounds, "steps_per_round": per_round, "step_seconds": med,
         "si_overhead": {"paper": med["si_paper"] / med["lora"], "exact": med["si_exact"] / med["lora"]},
-        "penalty_overhead": {k: med[k] / med["lora"] for k in ("hlora", "ewc", "kl_domain", "kl_general", "replay")},
+        "penalty_overhead": {k: med[k] / med["lora"] for k in per_method},
         "si_recorder_seconds_per_step": rec_step,
         "fisher_seconds": fisher_s, "fisher_examples": fisher_examples, "si_added_seconds_same_tokens": si_added,
         "fisher_over_si": {k.removeprefix("si_"): fisher_s / v if v > 0 else math.inf for k, v in si_added.items()},

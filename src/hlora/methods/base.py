@@ -119,6 +119,15 @@ class Method:
             model.save_pretrained(str(tmp))
         return {}
 
+    # ------------------------------------------------------------------ hlora bench
+    def bench_variant(self, model: nn.Module, omega: dict, domain: dict, general: dict) -> dict | None:
+        """What `hlora bench` times of this method's per-step work on `model` (LoRA attached; `omega`: a random
+        importance per LoRA module; `domain`, `general`: one batch each; this method built for stage μ with its
+        default config and the bench's context). Returns {"extra": fn(model, batch, outputs) -> the loss term,
+        "batch": the batch a step trains on instead of `domain`, "held": an object whose bytes the memory plan
+        counts (as "<method>_penalty")}, any of them; None: no per-step work beyond a plain LoRA step."""
+        return None
+
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module):
         """Context in which `model` (base + this method's trained adapter) is evaluated."""

@@ -304,6 +304,10 @@ class EWC(Method):
 
     config_class = EWCConfig
     compare_full_fisher = True
+
+    def bench_variant(self, model, omega, domain, general):
+        ewc = EWCPenalty(model, omega, lam=0.5)
+        return {"extra": lambda m, b, o: ewc.penalty(), "held": ewc}
     coefficient, coefficient_range = "lam", (1e-6, 1e10)
 
     def setup(self, model: nn.Module) -> None:

@@ -267,6 +267,10 @@ class HLoRA(Method):
     config_class = HLoRAConfig
     stages = ("general", "domain")
     writes = {IMPORTANCE_FILE: "si"}  # stage ν: SI importance Ω (and ΔW^ν) beside the adapter
+
+    def bench_variant(self, model, omega, domain, general):
+        hl = HLoRAPenalty(model, Importance(omega, metadata={"kind": "si"}), reference="current", phi=1e-3)
+        return {"extra": lambda m, b, o: hl.penalty(), "held": hl}
     coefficient, coefficient_range = "phi", (1e-8, 1e8)
 
     def setup(self, model: nn.Module) -> None:

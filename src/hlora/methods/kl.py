@@ -69,6 +69,10 @@ class _KL(Method):
         self.costs.extra_forward_tokens += n
         return self.cfg.beta * kl_to_reference(ref, logits, inputs.get("attention_mask"))
 
+    def bench_variant(self, model, omega, domain, general):
+        self.setup(model)
+        return {"extra": self.loss}
+
 
 class KLDomain(_KL):
     def loss(self, model, inputs, outputs):
