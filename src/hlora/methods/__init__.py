@@ -1,6 +1,6 @@
 """The method registry: a method is one file here, named by one line below.
 
-Entries are "module:Class" strings ("module" relative to this package, or a dotted absolute module), imported on
+Entries are "module:Class" strings ("module" a file of this package, else an importable module of its own), imported on
 first use, so that base.py never imports the methods built on it (no import cycle) and `import hlora` stays light.
 A method file declares everything about the method: its typed config, its Method class (hooks, the files it writes
 and their kind), and its experiment rows (`ROWS`: label, where stage μ starts, sweep field, report family and
@@ -32,7 +32,13 @@ def _module(name: str):
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(REGISTRY)}")
     module = REGISTRY[name].split(":")[0]
-    return importlib.import_module(module) if "." in module else importlib.import_module(f".{module}", __name__)
+    if "." not in module:  # a file of this package, else a module of its own (e.g. a plugin's, a test's)
+        try:
+            return importlib.import_module(f".{module}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{module}":
+                raise
+    return importlib.import_module(module)
 
 
 def method_class(name: str) -> type:
