@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hlora.config import MethodConfig
 from hlora.methods.base import Method
-from hlora.methods.row import Row
+from hlora.methods.spec import Row
 
 
 @dataclass

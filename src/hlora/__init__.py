@@ -18,15 +18,27 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in _EXPORTS:
+    if name in _EXPORTS or name == "evaluate":
         import importlib
 
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{_EXPORTS.get(name, name)}", __name__), name)
     raise AttributeError(f"module 'hlora' has no attribute {name!r}")
 
 
-# `evaluate` is both a submodule and the public function (docs/design.md section 6.1): bind the function eagerly,
-# otherwise importing the submodule would shadow it with the module.
-from .evaluate import evaluate  # noqa: E402
+# `evaluate` is both a submodule and the public function (docs/design.md section 6.1). It is imported on first use
+# like the rest (`import hlora`, `import hlora.config` import no torch); when the submodule is imported, the import
+# system binds it on the package, and the package keeps the function in its place.
+import types as _types  # noqa: E402
 
+
+class _Package(_types.ModuleType):
+    def __setattr__(self, name, value):
+        if name == "evaluate" and isinstance(value, _types.ModuleType):
+            value = value.evaluate
+        super().__setattr__(name, value)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _Package
 __all__.append("evaluate")

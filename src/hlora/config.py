@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .methods.spec import MethodConfig  # the base of the methods' configs (methods/ never imports this module)
+
 
 class ConfigError(ValueError):
     """A config value, file or override that cannot be used; the message names it."""
@@ -53,22 +55,6 @@ class TrainConfig:
     snapshot_steps: list[int] = field(default_factory=list)  # keep the adapter at these steps (snapshots/step-N/)
     shuffle: bool = True  # false = data in order (reproducible global batches, e.g. DDP checks)
     max_grad_norm: float = 1.0  # transformers default; SI reads the gradient before clipping (docs/design.md §3.1)
-
-
-@dataclass
-class MethodConfig:
-    """Base of every method's typed config: `name` picks the method from the registry
-    (hlora.methods.REGISTRY). Each method subclasses this in its own file with its own fields (PEFT's
-    pattern: one config class per method); a YAML/override section `method:` is read into the class
-    that its `name` selects, so a field of another method is an error, not silently ignored."""
-
-    name: str = "hlora"
-
-    @staticmethod
-    def resolve(data: dict) -> type:
-        from .methods import config_class
-
-        return config_class(str(data.get("name", "hlora")))
 
 
 def method_config(name: str = "hlora", **fields_) -> MethodConfig:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import ConfigError, EvalConfig, LoraConfig, MethodConfig, ModelConfig, TrainConfig, from_dict, method_config
 from ..methods import rows
-from ..methods.row import Row
+from ..methods.spec import Row
 from ..util import did_you_mean
 
 

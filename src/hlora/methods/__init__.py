@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 from ..util import did_you_mean
-from .row import Row
+from .spec import Row
 
 REGISTRY: dict[str, str] = {
     "none": "none:Plain",  # plain LoRA: Base, LoRA(ν), LoRA(μ), LoRA(ν+μ), rsLoRA

@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is the hooks' business: importing a method (its config, its rows) does not import it
+    import torch
+    from torch import nn
 
-from ..config import MethodConfig
+from .spec import MethodConfig
 
 
 @dataclass

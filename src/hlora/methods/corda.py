@@ -17,15 +17,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from ..config import MethodConfig
-from ..data.packing import batches
 from ..files import atomic_dir
 from ..util import eval_mode, model_device
 from .base import Method
-from .row import Row
+from .spec import MethodConfig, Row
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -42,10 +42,12 @@ class CorDAKPM(Method):
     config_class = CorDAConfig
 
     def attach(self, base: nn.Module) -> nn.Module:
+        import torch
         from peft import get_peft_model
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
+        from ..data.packing import batches
         from ..model import peft_lora_config
 
         run = self.ctx.run
@@ -57,9 +59,8 @@ class CorDAKPM(Method):
                                 corda_config=CordaConfig(corda_method="kpm"))
         pool, dev, c = self.ctx.general_pool(), model_device(base), self.cfg
 
-        @torch.no_grad()
         def run_model():
-            with eval_mode(base):
+            with torch.no_grad(), eval_mode(base):
                 for b in batches(pool, 1, limit=c.covariance_examples):
                     base(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev))
 

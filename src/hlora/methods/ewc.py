@@ -34,12 +34,11 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from ..config import MethodConfig
+from .spec import MethodConfig, Row
 from ..data.packing import batches
 from ..lora import DriftPenalty, LoraRef, delta_w, lora_modules, to_weight_layout
 from ..util import adapter_disabled, eval_mode, model_device, requires_grad
 from .base import Method
-from .row import Row
 
 # Largest per-chunk (samples × out × in) tensor of per-sample gradients (elements, fp32 → 128 MiB).
 _CHUNK_ELEMENTS = 1 << 25

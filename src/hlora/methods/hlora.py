@@ -37,11 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from .spec import MethodConfig, Row
 from ..importance import Importance
 from ..lora import DriftPenalty, adapter_fingerprint, stacked, to_weight_layout
 from .base import Method
-from .row import Row
 
 WEIGHTINGS = ("softmax", "uniform")
 GROUPS = ("module", "block")

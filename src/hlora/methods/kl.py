@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-
-from ..config import MethodConfig
-from ..data.packing import shuffled_batches
 from ..util import adapter_disabled, eval_mode
 from .base import Method
-from .row import Row
+from .spec import MethodConfig, Row
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -31,6 +30,8 @@ class KLConfig(MethodConfig):
 
 def kl_to_reference(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over positions with mask = 1 of KL(softmax(ref) ‖ softmax(logits)), in nats."""
+    import torch.nn.functional as F
+
     ref_lp = F.log_softmax(ref_logits.float(), dim=-1)
     lp = F.log_softmax(logits.float(), dim=-1)
     per_pos = (ref_lp.exp() * (ref_lp - lp)).sum(-1)
@@ -46,6 +47,8 @@ def _unwrap(model):
 
 
 def base_logits(model, inputs: dict) -> torch.Tensor:
+    import torch
+
     peft = _unwrap(model)
     if not hasattr(peft, "disable_adapter"):
         raise ValueError("KL-to-base needs a PEFT model (the base distribution is the model with its adapter off)")
@@ -86,6 +89,8 @@ class KLGeneral(_KL):
                              "not allow; run it in one process, or use kl_domain")
         if self.ctx.general_pool is None:
             raise ValueError("method 'kl_general' needs the general pool of stage ν (general_data)")
+        from ..data.packing import shuffled_batches
+
         t = self.ctx.run.train
         self._batches = shuffled_batches(self.ctx.general_pool(), t.batch_size, seed=t.seed + 1)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import MethodConfig
+from .spec import MethodConfig, Row
 from .base import Method
-from .row import Row
 
 
 @dataclass

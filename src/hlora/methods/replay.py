@@ -12,12 +12,8 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
-from torch.utils.data import Dataset
-
-from ..config import MethodConfig
+from .spec import MethodConfig, Row
 from .base import Method
-from .row import Row
 
 
 @dataclass
@@ -26,7 +22,7 @@ class ReplayConfig(MethodConfig):
     rho: float = 0.25  # share of each step's sequences drawn from the general pool
 
 
-class MixedDataset(Dataset):
+class MixedDataset:  # a map-style dataset (len, getitem): what the Trainer's DataLoader reads
     """Sequences of two packed datasets, laid out step by step (`order[i] = (source, index)`) and read in order.
 
     The layout of a step is made when the Trainer first reads it, with the number of general sequences from the
@@ -77,6 +73,8 @@ def plain_steps(n_sequences: int, train, world: int = 1) -> int:
 def _mix_steps(n_domain: int, n_general: int, global_batch: int, k_of_step, seed: int):
     """Endless steps: per step k_of_step() general and global_batch − k domain sequences, each source cycled
     through its own seeded permutations (no repeat before the pool is used up), shuffled within the step."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
 
     def stream(n):
@@ -112,6 +110,8 @@ class Replay(Method):
 
     def bench_variant(self, model, omega, domain, general):
         # a share ρ of the batch from the general pool: the same work as a plain step
+        import torch
+
         k = int(domain["input_ids"].shape[0] * self.cfg.rho)
         return {"batch": {key: torch.cat([general[key][:k], domain[key][k:]]) for key in domain}}
         if self._mixed is not None:  # steps laid out from now on take the new share

@@ -8,9 +8,8 @@ import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import MethodConfig
+from .spec import MethodConfig, Row
 from .base import Method
-from .row import Row
 
 
 @dataclass

@@ -1,10 +1,28 @@
-"""A row of the experiment: one way to run a method (its label, where stage μ starts, its method fields, the field
-its front sweeps) and its place in the report. Each method file declares its rows (`ROWS`) next to its config;
-`hlora.experiment` builds the grid from the registry. This module imports no torch."""
+"""What a method declares besides its hooks, torch-free: the base of its typed config (`MethodConfig`) and its
+experiment rows (`Row`: label, where stage μ starts, method fields, the field its front sweeps, its place in the
+report). Each method file declares its config class and its rows (`ROWS`) next to each other; `hlora.config` reads
+`method:` sections through MethodConfig, `hlora.experiment` builds the grid from the registry's rows. hlora.config
+imports this module, never the other way round."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+@dataclass
+class MethodConfig:
+    """Base of every method's typed config: `name` picks the method from the registry
+    (hlora.methods.REGISTRY). Each method subclasses this in its own file with its own fields (PEFT's
+    pattern: one config class per method); a YAML/override section `method:` is read into the class
+    that its `name` selects, so a field of another method is an error, not silently ignored."""
+
+    name: str = "hlora"
+
+    @staticmethod
+    def resolve(data: dict) -> type:
+        from . import config_class
+
+        return config_class(str(data.get("name", "hlora")))
+
 
 STARTS = ("none", "fresh", "nu", "nu_adapter")  # or the id of the row whose trained adapter this row evaluates
 ROLES = ("", "reference", "plain", "rival")
