@@ -104,3 +104,22 @@ def test_toy_method_in_the_bench(toy, monkeypatch):
 
 def test_toy_method_declares_its_files(toy):
     assert methods.method_class("toy").writes == {"toy.bin": "toy_kind"}
+
+
+def test_declaring_methods_imports_no_torch():
+    """Config classes, rows and the CLI's generated flags come from the method files without torch: `RunConfig()`,
+    every method's config, every row's plan and the parser import none of it (the hooks do, when they run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from hlora.config import RunConfig, method_config\n"
+            "from hlora.methods import REGISTRY\n"
+            "from hlora.experiment import ROWS, ExperimentConfig, plan\n"
+            "from hlora.cli import build_parser\n"
+            "RunConfig(); [method_config(n) for n in REGISTRY]\n"
+            "plan(ExperimentConfig(methods=list(ROWS))); build_parser()\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SIRecorder": "si", "HLoRACallback": "callback", "Importance": "importance",
-    "HLoRAPenalty": "methods.hlora", "EWCPenalty": "methods.ewc", "fisher_diagonal": "methods.ewc",
+    "HLoRAPenalty": "methods.hlora_penalty", "EWCPenalty": "methods.fisher", "fisher_diagonal": "methods.fisher",
     "PenaltyTrainer": "train", "PenaltyMixin": "train", "run_stage": "train",
     "loglikelihood": "evaluate", "perplexity": "evaluate",
     "get_task": "data", "load_model": "model", "attach_lora": "model",

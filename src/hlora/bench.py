@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import LoraConfig, ModelConfig, RunConfig, TrainConfig, method_config
 from .lora import lora_modules
-from .methods.ewc import forward_inputs, masked_labels, per_sample_loss
+from .methods.fisher import forward_inputs, masked_labels, per_sample_loss
 from .util import adapter_disabled, eval_mode, model_device, requires_grad
 
 TARGETS = {"si_overhead": "<= 1.02", "penalty_overhead": "<= 1.02", "fisher_over_si": ">= 100",
@@ -175,7 +175,7 @@ def bench_training(model_name: str, steps: int = 20, batch_size: int = 4, seq_le
     from .memory import held_bytes
     from .memory import plan as memory_plan
     from .methods import StageContext
-    from .methods.ewc import fisher_diagonal
+    from .methods.fisher import fisher_diagonal
     from .model import attach_lora, load_model
     from .si import SIRecorder
 

@@ -246,7 +246,7 @@ def plan(config, targets=None, r: int | None = None, *, setting_name: str | None
     hl["held_bytes"] = sum(hl.values())
     ewc = {"fisher_bytes": 4 * dw, "G_bytes": g_kept, "D_bytes": d_scratch, "scale_weight_bytes": small}
     ewc["held_bytes"] = sum(ewc.values())
-    from .methods.ewc import _CHUNK_ELEMENTS as FISHER_CHUNK
+    from .methods.fisher import _CHUNK_ELEMENTS as FISHER_CHUNK
 
     per_sample = max(min(8, max(1, FISHER_CHUNK // (o * i))) * o * i for o, i in shapes)  # fisher_batch_size 8
     ewc["setup_peak_bytes"] = max(4 * dw + 2 * 4 * per_sample, 2 * 4 * dw)

@@ -7,7 +7,7 @@ import torch
 from hlora.config import LoraConfig, RunConfig, method_config
 from hlora.lora import lora_modules
 from hlora.methods import StageContext, build_method
-from hlora.methods import ewc
+from hlora.methods import fisher as ewc_math  # EWC's Fisher and penalty (the method: hlora.methods.ewc)
 from hlora.bench import full_fisher_cost
 from hlora.methods.ewc import EWCPenalty, fisher_diagonal
 from hlora.model import attach_lora
@@ -247,13 +247,13 @@ def test_registry_computes_saves_and_reloads_fisher(tmp_path, monkeypatch):
     model = _peft("tiny-gpt2")
     pool = _Pool(_pad_all(_samples(_vocab(model))))
     calls = []
-    real = ewc.fisher_diagonal
+    real = ewc_math.fisher_diagonal
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(ewc, "fisher_diagonal", counting)
+    monkeypatch.setattr(ewc_math, "fisher_diagonal", counting)
     path = tmp_path / "fisher.safetensors"
     cfg = method_config("ewc", lam=0.5, fisher="empirical", fisher_examples=4)
 
