@@ -18,7 +18,8 @@ Flattened for the report: `battery_acc` and `nu_text_ppl` (perplexity on the tex
 "wise", "hlora" for row ids starting with "hlora", "alternatives" otherwise. `role` (the row's part in the report:
 "reference" = the row the others are matched against, "plain" = the grey reference in every fronts panel, "rival" =
 the row the reference is compared with item by item) is declared by the row (hlora.methods.Row); records written
-before rows declared it (no `role` key) get the roles of the rows of that time (OLD_ROLES).
+before rows declared it (no `role` key) get the roles of the rows of that time (OLD_ROLES); `ablation` (a row of
+the ablation table) likewise (OLD_ABLATION).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ RECORD_VERSION = 2
 BASE = "base"  # the untrained row
 # The roles of the rows of records written before rows declared them (no `role` key): read from these row ids.
 OLD_ROLES = {"hlora": "reference", "lora_mu": "plain", "ewc_lora": "rival"}
+OLD_ABLATION = ("hlora", "hlora_no_layer", "hlora_no_layer_element")  # likewise, the ablation table's rows
 OLD_GENERAL_EVAL = "wikitext"  # what general_* measured before records named their text (record_version 1)
 
 
@@ -53,6 +55,7 @@ _OPTIONAL: dict[str, tuple[Any, Any]] = {
     "label": (str, None),
     "family": (str, None),
     "role": (str, None),
+    "ablation": (bool, None),
     "lr": (_NUM, None),
     "general_eval": (str, None),
     "texts": (dict, None),
@@ -249,4 +252,6 @@ def normalize_record(rec: Any, i: int = 0, where: str = "results") -> dict:
     out["family"] = out["family"] or default_family(out["method"], out["regularizer"])
     if "role" not in rec:
         out["role"] = OLD_ROLES.get(out["method"])
+    if "ablation" not in rec:
+        out["ablation"] = out["method"] in OLD_ABLATION
     return out

@@ -30,6 +30,15 @@ class _Rows(Mapping):
 ROWS: Mapping[str, Row] = _Rows()
 
 
+def default_rows() -> list[str]:
+    """The smallest comparison: the untrained model's row, the plain reference and the reference (Base, LoRA(μ),
+    HLoRA), as the rows declare them."""
+    rows_ = list(ROWS.values())
+    picks = [next((r.id for r in rows_ if ok(r)), None) for ok in
+             (lambda r: r.start == "none", lambda r: r.role == "plain", lambda r: r.role == "reference")]
+    return [p for p in dict.fromkeys(picks) if p is not None]
+
+
 @dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -38,7 +47,7 @@ class ExperimentConfig:
     domain: TrainConfig = field(default_factory=TrainConfig)  # stage μ training (every row alike)
     general_method: MethodConfig = field(default_factory=method_config)  # stage ν: HLoRA's recording settings
     eval: EvalConfig = field(default_factory=EvalConfig)
-    methods: list[str] = field(default_factory=lambda: ["base", "lora_mu", "hlora"])  # row ids
+    methods: list[str] = field(default_factory=lambda: default_rows())  # row ids
     options: dict[str, dict] = field(default_factory=dict)  # row id -> method fields (the row's main point)
     sweeps: dict[str, dict] = field(default_factory=dict)  # row id -> {field: [values]} (its front)
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> {methods, seeds, sweeps} (thinning)

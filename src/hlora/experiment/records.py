@@ -57,6 +57,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
         "cell": cell.name, "method": cell.row.id, "label": cell.row.label, "regularizer": cell.method.name,
         # the row's place in the report, as its method declares it
         "family": cell.row.family or default_family(cell.row.id, cell.method.name), "role": cell.row.role or None,
+        "ablation": cell.row.ablation,
         "task": cell.task, "seed": cell.seed, "main": cell.main,
         "sweep": {"param": cell.param or cell.row.sweep, "value": cell.point} if cell.point is not None else None,
         "lr": info.pop("lr", None),

@@ -73,14 +73,15 @@ class HLoRAConfig(MethodConfig):
 _H = (("name", "hlora"),)
 # HLoRA is the report's reference: the row the others are matched against.
 ROWS = [
-    Row("hlora", "HLoRA", "nu", _H, sweep="phi", family="hlora", role="reference"),
+    Row("hlora", "HLoRA", "nu", _H, sweep="phi", family="hlora", role="reference", ablation=True),
     Row("hlora_auto", "HLoRA (layer_scale=auto)", "nu", (*_H, ("layer_scale", "auto")), sweep="phi", family="hlora"),
     # Beyond the paper: Ω/mean (scale-free φ) capped at 10× the mean (SI's tail, above).
     Row("hlora_norm", "HLoRA (Ω/mean, cap 10)", "nu", (*_H, ("omega_norm", "mean"), ("omega_clip", 10.0)), sweep="phi",
         family="hlora"),
-    Row("hlora_no_layer", "HLoRA −layer", "nu", (*_H, ("layer_weighting", "uniform")), sweep="phi", family="hlora"),
+    Row("hlora_no_layer", "HLoRA −layer", "nu", (*_H, ("layer_weighting", "uniform")), sweep="phi", family="hlora",
+        ablation=True),
     # The paper's "-layer,element" ablation: ν then μ with no penalty (same configuration as LoRA(ν+μ)).
-    Row("hlora_no_layer_element", "HLoRA −layer,element", "nu", family="hlora"),
+    Row("hlora_no_layer_element", "HLoRA −layer,element", "nu", family="hlora", ablation=True),
 ]
 
 

@@ -42,6 +42,7 @@ class Row:
     # "rival" (the row the reference is compared with item by item, and whose importance cost is set beside its own).
     family: str = ""
     role: str = ""
+    ablation: bool = False  # a row of the ablation table (the paper's Table 2: HLoRA, −layer, −layer,element)
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -36,7 +36,7 @@ from .stats import (
     ttest,
 )
 from .tables import (
-    ABLATION_METHODS,
+    ablation_rows,
     complexity,
     complexity_csv,
     complexity_latex,
@@ -51,7 +51,7 @@ from .write import write_report
 plot_phi_sweep = plot_sweeps  # the old name: the sweep figure now covers any swept parameter
 
 __all__ = [
-    "ABLATION_METHODS",
+    "ablation_rows",
     "ResultsError",
     "load_results",
     "row_labels",

@@ -23,7 +23,7 @@ from .load import BASE, general_names, main_cells, role_row, row_labels, row_ord
 from .stats import COST_FIELDS, PRIOR_P, aggregate, front, mean_std
 
 __all__ = [
-    "ABLATION_METHODS",
+    "ablation_rows",
     "front_points_markdown",
     "results_grid",
     "grid_markdown",
@@ -49,7 +49,9 @@ __all__ = [
     "measures_note",
 ]
 
-ABLATION_METHODS = ("hlora", "hlora_no_layer", "hlora_no_layer_element")  # row ids of the paper's Table 2
+def ablation_rows(records: Iterable[dict]) -> list[str]:
+    """The rows of the ablation table (the paper's Table 2): those whose records say `ablation`, record order."""
+    return row_order(r for r in records if r.get("ablation"))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -120,7 +122,7 @@ def _latex_table(header: Sequence[str], rows: Iterable[Sequence[str]], caption: 
 def results_grid(records: Iterable[dict], methods: Sequence[str] | None = None) -> dict:
     """Rows = methods (first appearance), columns = tasks; cells from `aggregate` (main cells only).
 
-    `methods` restricts and orders the rows (the ablation table passes ABLATION_METHODS); absent
+    `methods` restricts and orders the rows (the ablation table passes `ablation_rows`); absent
     methods are dropped. Returns {"methods", "tasks", "cells", "labels", "names" (`general_names`)}.
     """
     records = list(records)

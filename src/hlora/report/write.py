@@ -88,7 +88,7 @@ class _Out:
 def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str, str]:
     """Compute every table, write its CSV/LaTeX files, return the Markdown sections by name."""
     labels, names = row_labels(records), general_names(records)
-    t1, t2 = T.results_grid(records), T.results_grid(records, T.ABLATION_METHODS)
+    t1, t2 = T.results_grid(records), T.results_grid(records, T.ablation_rows(records))
     comp = T.complexity(records, reference)
     matched = [matched_summary(records, t, reference) for t in task_order(records)]
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
@@ -143,7 +143,7 @@ def _latex(t1: dict, t2: dict, comp: dict, matched: list[dict], names: dict) -> 
 
 def _table_notes(records, t2, comp, matched, transfer, reference, out: _Out) -> None:
     if not t2["methods"]:
-        out.notes.append("Ablation table is empty: no rows " + ", ".join(T.ABLATION_METHODS) + ".")
+        out.notes.append("Ablation table is empty: no record is of a row of the ablation table.")
     if all(r["seconds"] is None and r["bytes"] is None for r in comp["rows"]):
         out.notes.append("Complexity table is empty: no record has importance or full-Fisher cost fields.")
     if not matched:
