@@ -96,11 +96,12 @@ def test_report_command_rewrites_from_results_only(tiny_run, tmp_path, skip_figu
 
 
 def _no_work(monkeypatch):
-    import hlora.experiment as ex
+    import hlora.experiment.records as records
+    import hlora.experiment.run as run
 
-    calls = []
-    monkeypatch.setattr(ex, "_evaluate", lambda *a, **k: calls.append(a) or {})
-    monkeypatch.setattr(ex, "_run_or_resume", lambda *a, **k: calls.append(a))
+    calls = []  # where run_cell looks them up (the experiment package's modules)
+    monkeypatch.setattr(records, "_evaluate", lambda *a, **k: calls.append(a) or {})
+    monkeypatch.setattr(run, "_run_or_resume", lambda *a, **k: calls.append(a))
     return calls
 
 
