@@ -311,6 +311,13 @@ def expand_tasks(names) -> list[str]:
     return out
 
 
+def mean_accuracy(results: list[dict]) -> tuple[float, float]:
+    """Unweighted mean of the tasks' accuracies and its standard error from theirs (independent items)."""
+    k = len(results)
+    return (sum(r["acc"] for r in results) / k,
+            math.sqrt(sum(r.get("acc_stderr", float("nan")) ** 2 for r in results)) / k)
+
+
 def group_results(results: dict[str, dict]) -> dict[str, dict]:
     """For every group whose tasks all have results: the unweighted mean of their accuracies (and of acc_norm
     over the tasks for which lm-eval reports it), its standard error from the tasks' own, and the tasks."""
@@ -319,10 +326,8 @@ def group_results(results: dict[str, dict]) -> dict[str, dict]:
         rs = [results.get(t) for t in members]
         if any(r is None or "acc" not in r for r in rs):
             continue
-        k = len(rs)
-        entry = {"tasks": list(members), "acc": sum(r["acc"] for r in rs) / k,
-                 "acc_stderr": math.sqrt(sum(r.get("acc_stderr", float("nan")) ** 2 for r in rs)) / k,
-                 "n": sum(r["n"] for r in rs)}
+        acc, se = mean_accuracy(rs)
+        entry = {"tasks": list(members), "acc": acc, "acc_stderr": se, "n": sum(r["n"] for r in rs)}
         normed = [r for t, r in zip(members, rs) if "acc_norm" in BUILTIN_MCQ[t].metrics]
         if normed:
             entry["acc_norm"] = sum(r["acc_norm"] for r in normed) / len(normed)

@@ -94,7 +94,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
 def _general_measures(cfg: ExperimentConfig, ev: dict, adapter) -> dict:
     """What a record says about general ability beyond general_ppl / general_kl: every general text by name
     (perplexity, bits per byte, KL to the base) and the battery (mean accuracy, per task, per item)."""
-    from ..data.tasks import group_results
+    from ..data.tasks import mean_accuracy
 
     texts = {}
     for t in dict.fromkeys([cfg.general_eval, *cfg.texts]):
@@ -106,10 +106,9 @@ def _general_measures(cfg: ExperimentConfig, ev: dict, adapter) -> dict:
     names = _battery_tasks(cfg)
     if names:
         res = {t: ev[t] for t in names}
-        groups = group_results(res)
-        mean = sum(r["acc"] for r in res.values()) / len(res)
+        mean, se = mean_accuracy(list(res.values()))
         out["battery"] = {
-            "acc": mean, "acc_stderr": (groups.get("battery") or {}).get("acc_stderr"),
+            "acc": mean, "acc_stderr": se,
             "tasks": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "metrics": r.get("metrics")}
                       for t, r in res.items()},
             "per_item": {t: r["per_item"]["acc"] for t, r in res.items()},
