@@ -31,15 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from .config import LoraConfig, ModelConfig, RunConfig, TrainConfig, method_config
 from .lora import lora_modules
-from .methods.fisher import forward_inputs, masked_labels, per_sample_loss
-from .util import adapter_disabled, eval_mode, model_device, requires_grad
+from .util import model_device
 
 TARGETS = {"si_overhead": "<= 1.02", "penalty_overhead": "<= 1.02", "fisher_over_si": ">= 100",
            "storage_ratio_fp32": "<= 0.15", "storage_ratio_half": "<= 0.05", "eval_speedup_vs_lmeval": ">= 2",
@@ -573,88 +571,3 @@ def main(args) -> dict:
         write_json(args.json, res)
         print(f"wrote {args.json}")
     return res
-
-
-# ---------------------------------------------------------------- cost of a full-model Fisher
-
-
-def full_fisher_cost(
-    model: nn.Module,
-    batches: Iterable[dict],
-    n_examples: int = 2,
-    fisher_examples: int = 64,
-    targets: list[str] | None = None,
-) -> dict:
-    """What a diagonal Fisher of *all* pretrained parameters (fp32) would cost, vs the targeted one.
-
-    `model` is the pretrained model, with or without a LoRA adapter (adapter parameters are not
-    counted and the adapter is switched off). Storage is exact: 4 bytes × parameter count. Time is
-    measured: per-sample gradients of every parameter for `n_examples` sequences, squared and
-    accumulated into a full-size buffer, extrapolated linearly to `fisher_examples` sequences (the
-    number the LoRA Fisher uses). This uses one backward per sample — acceptable here because it is
-    only a cost measurement (and is what a plain full-model EWC implementation does).
-    The targeted-only Fisher size comes from the LoRA modules, or, for a model without an adapter,
-    from the modules whose last name component is in `targets` (e.g. ["q_proj", "v_proj"]).
-
-    Keys: n_params, full_bytes, targeted_params, targeted_bytes, targeted_fraction, examples_timed,
-    seconds_per_example, fisher_examples, full_seconds (= seconds_per_example × fisher_examples).
-    """
-    base_params = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
-    n_params = sum(p.numel() for _, p in base_params)
-    if targets is not None:
-        wanted = set(targets)
-        targeted = sum(
-            m.weight.numel()
-            for n, m in model.named_modules()
-            if n.rsplit(".", 1)[-1] in wanted and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and "lora_" not in n
-        )
-    else:
-        try:
-            targeted = sum(r.base_weight.numel() for r in lora_modules(model))
-        except ValueError:  # no adapter and no target names: unknown
-            targeted = None
-    device = model_device(model)
-    params = [p for _, p in base_params]
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    timed = 0
-    seconds = 0.0
-    with adapter_disabled(model), eval_mode(model), requires_grad(params), torch.enable_grad():
-        for batch in batches:
-            bsz = int(torch.as_tensor(batch["input_ids"]).shape[0])
-            for b in range(bsz):
-                if timed >= n_examples:
-                    break
-                one = {k: torch.as_tensor(v)[b : b + 1] for k, v in batch.items() if v is not None}
-                inputs = forward_inputs(one, device, None)
-                target = masked_labels(one, inputs, None)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                logits = model(**inputs, use_cache=False).logits
-                loss, counted, _ = per_sample_loss(logits, target, "empirical", None)
-                if not bool(counted.any()):
-                    continue
-                grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-                for a, g in zip(acc, grads):
-                    if g is not None:
-                        a += g.float().pow(2)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds += time.perf_counter() - t0
-                timed += 1
-            if timed >= n_examples:
-                break
-    del acc
-    per = seconds / timed if timed else math.nan
-    return {
-        "n_params": n_params,
-        "full_bytes": 4 * n_params,
-        "targeted_params": targeted,
-        "targeted_bytes": None if targeted is None else 4 * targeted,
-        "targeted_fraction": None if targeted is None or not n_params else targeted / n_params,
-        "examples_timed": timed,
-        "seconds_per_example": per,
-        "fisher_examples": fisher_examples,
-        "full_seconds": per * fisher_examples,
-    }

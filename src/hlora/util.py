@@ -18,6 +18,21 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
+def lazy_exports(owner: str, module: str, names: Iterable[str]):
+    """A module `__getattr__` for module `owner` that serves `names` from its sibling `module`, imported on first use (a method's
+    declaration stays torch-free while its math keeps answering at the old address)."""
+    import importlib
+
+    wanted = frozenset(names)
+
+    def __getattr__(name: str):
+        if name in wanted:
+            return getattr(importlib.import_module(f"{owner.rpartition('.')[0]}.{module}"), name)
+        raise AttributeError(f"module {owner!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
 def progress_enabled() -> bool:
     """Progress bars (evaluation's and the Trainer's) are on unless $HLORA_PROGRESS is 0 / false / no / off."""
     return os.environ.get("HLORA_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -8,7 +8,7 @@ from hlora.config import LoraConfig, RunConfig, method_config
 from hlora.lora import lora_modules
 from hlora.methods import StageContext, build_method
 from hlora.methods import fisher as ewc_math  # EWC's Fisher and penalty (the method: hlora.methods.ewc)
-from hlora.bench import full_fisher_cost
+from hlora.methods.fisher import full_fisher_cost
 from hlora.methods.ewc import EWCPenalty, fisher_diagonal
 from hlora.model import attach_lora
 from hlora.tiny import TINY_TARGETS, tiny_model

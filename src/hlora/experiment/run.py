@@ -189,7 +189,7 @@ def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
 
 def _full_fisher(cfg: ExperimentConfig) -> dict:
     """What a full-model Fisher would cost (bytes, seconds), measured once and cached in OUT."""
-    from ..bench import full_fisher_cost
+    from ..methods.fisher import full_fisher_cost
     from ..data.packing import batches, general_pool
     from ..model import load_model
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..util import lazy_exports
 from .base import Method
 from .spec import MethodConfig, Row
 
@@ -17,15 +18,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 # The math, where it was before it moved to methods/fisher.py (imported on first use).
-_FISHER = ("EWCPenalty", "fisher_diagonal", "forward_inputs", "masked_labels", "per_sample_loss", "_CHUNK_ELEMENTS")
-
-
-def __getattr__(name):
-    if name in _FISHER:
-        from . import fisher
-
-        return getattr(fisher, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, "fisher", ("EWCPenalty", "fisher_diagonal", "full_fisher_cost", "forward_inputs",
+                                                  "masked_labels", "per_sample_loss", "_CHUNK_ELEMENTS"))
 
 
 @dataclass

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..util import lazy_exports
 from .base import Method
 from .spec import MethodConfig, Row
 
@@ -36,16 +37,8 @@ if TYPE_CHECKING:
 
 IMPORTANCE_FILE = "importance.safetensors"
 # The penalty, where it was before it moved to methods/hlora_penalty.py (imported on first use).
-_PENALTY = ("HLoRAPenalty", "WEIGHTINGS", "GROUPS", "NORMS", "_parse_layer_scale", "_omega_mean",
-            "_check_reference_adapter")
-
-
-def __getattr__(name):
-    if name in _PENALTY:
-        from . import hlora_penalty
-
-        return getattr(hlora_penalty, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, "hlora_penalty", ("HLoRAPenalty", "WEIGHTINGS", "GROUPS", "NORMS",
+                                                         "_parse_layer_scale", "_omega_mean", "_check_reference_adapter"))
 
 
 # ------------------------------------------------------------------------------------- the method

@@ -50,45 +50,6 @@ from .write import write_report
 
 plot_phi_sweep = plot_sweeps  # the old name: the sweep figure now covers any swept parameter
 
-__all__ = [
-    "ablation_rows",
-    "ResultsError",
-    "load_results",
-    "row_labels",
-    "row_order",
-    "task_label",
-    "ttest",
-    "mean_std",
-    "aggregate",
-    "front",
-    "interp_ppl_at_acc",
-    "acc_under_cap",
-    "dominated_area",
-    "paired_matched_test",
-    "head_to_head",
-    "matched_summary",
-    "results_grid",
-    "grid_markdown",
-    "grid_csv",
-    "grid_latex",
-    "complexity",
-    "complexity_markdown",
-    "complexity_csv",
-    "complexity_latex",
-    "seed_significance",
-    "item_scores",
-    "letter_analysis",
-    "layer_weights",
-    "entropy",
-    "importance_matrix",
-    "importance_heatmap",
-    "importance_summary",
-    "inspect_importance",
-    "plot_fronts",
-    "plot_loss_curves",
-    "plot_sweeps",
-    "plot_phi_sweep",
-    "plot_violin",
-    "plot_acc_vs_ppl",
-    "write_report",
-]
+# What this file imports is the package's API (one list to keep, not two).
+__all__ = sorted(n for n, v in dict(globals()).items() if not n.startswith("_") and callable(v)
+                 and getattr(v, "__module__", "").startswith(("hlora.report", "hlora.record")))

@@ -94,6 +94,15 @@ def _hide_unused(axes, used: int) -> None:
         axes[k // ncols, k % ncols].set_visible(False)
 
 
+def _finish(fig, axes, used: int, legend: dict, ncol: int, title: str, out_png: str | Path) -> Path:
+    """Hide the unused panels, put the shared legend below them and the title above, and save."""
+    _hide_unused(axes, used)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), ncol),
+               fontsize=8, frameon=False)  # fmt: skip
+    fig.suptitle(title, fontsize=11)
+    return save_png(fig, out_png)
+
+
 def _fmt_value(v: float) -> str:
     return f"{v:g}"  # 0.001, 0.5, 1e-05: short either way
 
@@ -389,12 +398,9 @@ def plot_sweeps(records: Iterable[dict], out_png: str | Path) -> Path | None:
         ax2.tick_params(axis="y", colors=_PPL_C)
         ax.grid(alpha=0.3)
         ax.set_title(f"{_tex_safe(labels[m])}: {_param(param)} sweep", fontsize=10)
-    _hide_unused(axes, len(panels))
-    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 4),
-               fontsize=8, frameon=False)  # fmt: skip
     text = _tex_safe(general_names(records, legacy=False)["text"])
-    fig.suptitle(f"Sweeps: domain accuracy and {text} perplexity (mean ± std over seeds)", fontsize=11)
-    return save_png(fig, out_png)
+    return _finish(fig, axes, len(panels), legend, 4,
+                   f"Sweeps: domain accuracy and {text} perplexity (mean ± std over seeds)", out_png)
 
 
 # ----------------------------------------------------------------------------- loss curves
@@ -584,9 +590,6 @@ def plot_acc_vs_ppl(records: Iterable[dict], out_png: str | Path) -> Path | None
         ax.set_title(f"{_tex_safe(task_label(t))}   (↖ better)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.margins(0.12)
-    _hide_unused(axes, len(tasks))
-    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 5),
-               fontsize=8, frameon=False)  # fmt: skip
     text = _tex_safe(general_names(records, legacy=False)["text"])
-    fig.suptitle(f"Accuracy vs {text} perplexity: main cells, sweeps dashed (up-left is better)", fontsize=11)
-    return save_png(fig, out_png)
+    return _finish(fig, axes, len(tasks), legend, 5,
+                   f"Accuracy vs {text} perplexity: main cells, sweeps dashed (up-left is better)", out_png)
