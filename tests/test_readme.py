@@ -59,3 +59,16 @@ def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path, sk
     lines = set(tables.splitlines())
     for line in headline[0].splitlines():
         assert line in lines, f"README headline row not in the regenerated tables.md: {line[:200]}"
+
+
+def test_results_readme_bench_table_is_the_committed_json_rendered():
+    """The bench section's table is `hlora bench --table` of the committed JSON, not numbers typed by hand."""
+    import json
+
+    from hlora.bench import markdown_table
+
+    bench = README.parent / "benchmarks" / "results" / "bench-smollm2-cpu.json"
+    text = RESULTS_README.read_text(encoding="utf-8")
+    section = text[text.index("## `hlora bench`"):]
+    section = section[:section.index("\n## ", 5)]
+    assert markdown_table(json.loads(bench.read_text())) in section
