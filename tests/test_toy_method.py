@@ -123,3 +123,26 @@ def test_declaring_methods_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_toy_method_with_a_coefficient_is_steerable_by_hlora_tune(toy, capsys):
+    """Declaring `coefficient` is all it takes for the budget tool to steer a method (no list in budget/)."""
+    import toy_method
+
+    from hlora.budget.measure import Budget
+    from hlora.budget.tune import TuneConfig, TuneOptions, _check
+    from hlora.cli import build_parser
+    from hlora.methods import needs_general_run, steerable
+
+    assert "toy" not in steerable()
+    toy_method.Toy.coefficient, toy_method.Toy.coefficient_range = "toy_gamma", (0.0, 1.0)
+    try:
+        assert steerable()[-1] == "toy" and TuneOptions().allow[-1] == "toy"
+        assert needs_general_run("toy") == ""  # a domain-only method trains no stage ν first
+        _check(TuneConfig(budget=Budget.parse("c4_kl=0.05"), tune=TuneOptions(method="toy")))  # accepted as a tune method
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["tune", "--help"])
+        assert "toy" in capsys.readouterr().out.split("--allow", 2)[2]
+    finally:
+        toy_method.Toy.coefficient = ""
+    assert needs_general_run("hlora") == "importance.safetensors"

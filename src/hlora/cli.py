@@ -271,12 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--out", default="runs/demo")
     dm.set_defaults(fn=cmd_demo)
 
+    from .methods import steerable
+
     tu = sub.add_parser("tune", help="the most domain-accurate model within a forgetting budget (--budget c4_kl=0.05)")
     _add_common(tu, {k: v for k, v in flags.items() if k != "--method"})
-    tu.add_argument("--method", help="none (α search), hlora|kl_general|ewc|replay (steered, then α), auto (default)")
+    tu.add_argument("--method", help=f"none (α search), {'|'.join(steerable())} (steered, then α), auto (default)")
     tu.add_argument("--budget", help="MEASURE=LIMIT: c4_kl=0.05, c4_ppl_rise_pct=2, battery_drop_pts=1, "
                                      "wikitext_ppl_rise_pct=2, text:FILE_kl=...")
-    tu.add_argument("--allow", help="auto: the regularisers to try (default hlora,kl_general,ewc,replay)")
+    tu.add_argument("--allow", help="auto: the regularisers to try (default: "
+                                     f"{','.join(steerable(default_only=True))})")
     tu.set_defaults(fn=cmd_tune)
     return p
 

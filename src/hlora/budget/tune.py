@@ -27,18 +27,33 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config, method_config, to_dict
 from ..files import atomic_dir, write_json
+from ..methods import needs_general_run
 from .alpha import AlphaSearchConfig, search_alpha
 from .dual import DualConfig, DualController, make_proxy
 from .measure import Budget, BudgetError, Measurer, SliceConfig, domain_slices, mcq_slices, text_slices
 
-STEERABLE = ("hlora", "kl_general", "ewc", "replay")
-CHOICES = ("none", *STEERABLE, "auto")
+
+
+def _steerable() -> list[str]:
+    from ..methods import steerable  # the methods say which coefficient a budget may steer (Method.coefficient)
+
+    return steerable()
+
+
+def _choices() -> list[str]:
+    return ["none", *_steerable(), "auto"]
+
+
+def _default_allow() -> list[str]:
+    from ..methods import steerable
+
+    return steerable(default_only=True)
 
 
 @dataclass
 class TuneOptions:
-    method: str = "auto"  # none | hlora | kl_general | ewc | replay | auto
-    allow: list[str] = field(default_factory=lambda: list(STEERABLE))  # the regularisers `auto` tries
+    method: str = "auto"  # none | a method with a steerable coefficient (hlora, kl_general, ewc, replay, ...) | auto
+    allow: list[str] = field(default_factory=_default_allow)  # the regularisers `auto` tries
     dual: bool = True  # steer the method's coefficient during training (false: train at its config value)
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
     start: dict = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
@@ -62,11 +77,11 @@ def _check(cfg: TuneConfig) -> None:
     cfg.budget.check()
     cfg.search.check()
     cfg.dual.check()
-    if cfg.tune.method not in CHOICES:
-        raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(CHOICES)}")
-    bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in STEERABLE]
+    if cfg.tune.method not in _choices():
+        raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(_choices())}")
+    bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in _steerable()]
     if bad:
-        raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(STEERABLE)}")
+        raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(_steerable())}")
 
 
 def _candidates(cfg: TuneConfig) -> list[tuple[str, str, bool]]:
@@ -161,17 +176,18 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     for label, name, steered in _candidates(cfg):
         rec: dict = {"label": label, "method": name, "steered": steered}
         changes = {"method": _method_cfg(cfg, name), "out": str(out / "runs" / label)}
-        if name == "hlora":
+        needs = needs_general_run(name)  # a method whose domain stage continues its own general stage (HLoRA)
+        if needs:
             if not (cfg.init_adapter and cfg.importance_file):
-                nu_cfg = _run_config(cfg, data=cfg.general_data, method=_method_cfg(cfg, "hlora"),
+                nu_cfg = _run_config(cfg, data=cfg.general_data, method=_method_cfg(cfg, name),
                                      init_adapter="", importance_file="", out=str(out / "runs" / "nu"),
                                      train=dataclasses.replace(cfg.train, max_steps=cfg.tune.general_steps
                                                                or cfg.train.max_steps))
                 nu_run, reused = _stage(nu_cfg, "general", [])
                 if not nu["steps"]:
                     nu["steps"], nu["train_seconds"] = _steps(nu_run)
-                changes.update(init_adapter=str(nu_run / "adapter"), importance_file=str(nu_run / "importance.safetensors"))
-        elif name != "hlora" and cfg.init_adapter and cfg.tune.method == "auto":
+                changes.update(init_adapter=str(nu_run / "adapter"), importance_file=str(nu_run / needs))
+        elif cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
         rc = _run_config(cfg, **changes)
         dcfg = dataclasses.replace(cfg.dual, start=float(cfg.tune.start.get(name, cfg.dual.start)))

@@ -71,6 +71,23 @@ def rows() -> dict[str, Row]:
     return out
 
 
+def steerable(default_only: bool = False) -> list[str]:
+    """Methods with a coefficient a forgetting budget can steer (Method.coefficient), registry order;
+    `default_only`: those `hlora tune --method auto` tries when the user names none."""
+    out = []
+    for name in REGISTRY:
+        cls = method_class(name)
+        if cls.coefficient and (cls.tune_by_default or not default_only):
+            out.append(name)
+    return out
+
+
+def needs_general_run(name: str) -> str:
+    """The file a method's domain stage needs from its own general stage (HLoRA: the importance), else ""."""
+    cls = method_class(name)
+    return next(iter(cls.writes), "") if "general" in cls.stages else ""
+
+
 def build_method(cfg, ctx):
     """The method of `cfg.name`, set up for the stage in `ctx` (a StageContext)."""
     cls = method_class(cfg.name)

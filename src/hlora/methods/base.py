@@ -63,6 +63,8 @@ class Method:
     # (budget/dual.py) may steer during training, and the range it may take; "" = the method has none.
     coefficient: ClassVar[str] = ""
     coefficient_range: ClassVar[tuple[float, float]] = (0.0, float("inf"))
+    # Whether `hlora tune --method auto` tries the method unless the user lists the candidates (`tune.allow`).
+    tune_by_default: ClassVar[bool] = True
     # The files the method writes into a run directory beside adapter/, {file name: kind}; a stage-ν method's
     # first one is the importance a row starting from "nu" continues with (its records carry the kind).
     writes: ClassVar[dict[str, str]] = {}

@@ -78,6 +78,8 @@ class _KL(Method):
 
 
 class KLDomain(_KL):
+    tune_by_default = False  # its KL is taken on the domain's own tokens: no anchor on general text
+
     def loss(self, model, inputs, outputs):
         return self._term(model, inputs, outputs.logits)
 
