@@ -47,7 +47,7 @@ def plot(curve: dict, png: Path) -> None:
     steps = [p["step"] for p in pts]
     texts = curve.get("texts") or [curve["general"]]
     battery = curve.get("battery") or []
-    fig = Figure(figsize=(3.4 * (2 + bool(battery)), 3.2), dpi=100)
+    fig = Figure(figsize=(3.6 * (2 + bool(battery)), 4.2), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2 + bool(battery))
     for t in curve["tasks"]:
@@ -55,7 +55,7 @@ def plot(curve: dict, png: Path) -> None:
         axes[0].plot(steps, [100 * p[f"acc_{t}"] for p in pts], style, ms=3,
                      label=t + (" (tuned)" if t == curve["tuned"] else ""))
     axes[0].set(xlabel="stage-μ step", ylabel="accuracy %", title="tuned (and other) tasks")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     ax = axes[1]  # perplexity rise (% over the base model) and KL to the base, per general text
     ax2 = ax.twinx()
     for i, name in enumerate(texts):
@@ -67,8 +67,9 @@ def plot(curve: dict, png: Path) -> None:
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set(xlabel="stage-μ step", ylabel="perplexity rise over Base, %", title="general text (— ppl, ··· KL)")
     ax2.set_ylabel("KL(p_base ‖ p), nats / token")
-    ax.legend(fontsize=7, loc="upper left")
-    ax2.legend(fontsize=7, loc="lower right")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     if battery:
         ax = axes[2]
         se = pts[0].get("battery_acc_stderr") or 0.0
@@ -77,7 +78,7 @@ def plot(curve: dict, png: Path) -> None:
         for i, t in enumerate(battery):
             ax.plot(steps, [100 * p[f"acc_{t}"] for p in pts], "--", lw=0.8, color=f"C{i}", label=t)
         ax.set(xlabel="stage-μ step", ylabel="accuracy %", title="zero-shot battery (untuned)")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.suptitle(curve["title"], fontsize=9)
     fig.tight_layout()
     with atomic_path(png) as tmp:
@@ -87,7 +88,7 @@ def plot(curve: dict, png: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="RunConfig YAML of the stage-μ run (model, lora, train, data)")
-    ap.add_argument("--steps", required=True, help="comma list of steps to evaluate (the last = max_steps)")
+    ap.add_argument("--steps", default="", help="comma list of steps to evaluate (the last = max_steps)")
     ap.add_argument("--tasks", default="sciq,piqa,medmcqa", help="tuned task first is not required: data= picks it")
     ap.add_argument("--general", default="wikitext", help="the general text of `general_ppl` / `general_kl`")
     ap.add_argument("--texts", default="", help="comma list of general texts to record too (e.g. c4,wikitext)")
@@ -97,8 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=16384)
     ap.add_argument("--work", default="runs/forgetting", help="run directory (not committed)")
     ap.add_argument("--out", required=True, help="curve JSON (small; commit it)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG of an existing --out JSON (trains nothing)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return 0
+    if not args.steps:
+        ap.error("--steps is required (unless --plot-only)")
 
     steps = sorted({int(s) for s in args.steps.split(",")})
     cfg = load_config(RunConfig, args.config, [*args.overrides, f"train.max_steps={steps[-1]}",
