@@ -203,3 +203,19 @@ def test_every_shipped_config_loads_and_plans(name):
         assert cells and all(c.row.id in ROWS for c in cells)
     else:
         assert load_config(RunConfig, path).train.lr > 0
+
+
+def test_transfer_tasks_add_tasks_no_cell_tunes_on():
+    """An lr sweep on one task can watch others: `transfer_tasks` join the grid's other tasks (once, never the
+    cell's own), only where `transfer` asks for them; without them nothing changes."""
+    from hlora.experiment import ExperimentConfig, plan
+    from hlora.experiment.run import _transfer_tasks
+
+    cfg = ExperimentConfig(methods=["lora_mu"], tasks=["sciq:validation"], transfer="all",
+                           transfer_tasks=["medmcqa", "piqa", "sciq:validation", "medmcqa"])
+    (cell,) = plan(cfg)
+    assert _transfer_tasks(cfg, cell) == ["medmcqa", "piqa"]
+    assert _transfer_tasks(ExperimentConfig(methods=["lora_mu"], tasks=["sciq", "piqa"], transfer="all"), cell) == [
+        "sciq", "piqa"]
+    cfg.transfer = "none"
+    assert _transfer_tasks(cfg, cell) == []

@@ -54,6 +54,8 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=lambda: ["sciq"])
     seeds: list[int] = field(default_factory=lambda: [0])
     transfer: str = "none"  # evaluate on the other tasks too (cross-task retention): none | main (cells) | all
+    transfer_tasks: list[str] = field(default_factory=list)  # with `transfer`: tasks scored beside the grid's other
+    # tasks though no cell tunes on them (an lr sweep on SciQ that also watches MedMCQA and PIQA)
     general_data: str = "wikitext"  # stage ν's text: the general pool of every method
     general_eval: str = "wikitext"  # held-out general text: the record's general_ppl / general_kl
     texts: list[str] = field(default_factory=list)  # more general text recorded beside it (e.g. stage ν's own)

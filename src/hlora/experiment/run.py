@@ -147,7 +147,7 @@ def _transfer_tasks(cfg: ExperimentConfig, cell: Cell) -> list[str]:
     if cfg.transfer not in ("none", "main", "all"):
         raise ConfigError(f"transfer must be none, main or all; got {cfg.transfer!r}")
     wanted = cfg.transfer == "all" or (cfg.transfer == "main" and cell.main)
-    return [t for t in cfg.tasks if t != cell.task] if wanted else []
+    return list(dict.fromkeys(t for t in [*cfg.tasks, *cfg.transfer_tasks] if t != cell.task)) if wanted else []
 
 
 def _adapter_id(cfg: ExperimentConfig, adapter: Path | None) -> str | None:
