@@ -169,7 +169,7 @@ def cmd_report(args):
     from .report import write_report
 
     out = args.out or str(Path(args.results).parent / "report")
-    written = write_report(args.results, out)
+    written = write_report(args.results, out, tuned=args.tune or ())
     print(f"wrote {len(written['files'])} files to {out}")
     for png, why in written.get("skipped", {}).items():
         print(f"  skipped {png}: {why}")
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="tables and figures from a results.json")
     rp.add_argument("results")
     rp.add_argument("--out", help="report folder (default: report/ beside the results)")
+    rp.add_argument("--tune", nargs="+", metavar="TUNE_JSON", help="`hlora tune` results: each budget's line and the "
+                    "model it returned on the fronts figures, and their table")
     rp.set_defaults(fn=cmd_report)
 
     i = sub.add_parser("inspect", help="summarise an importance file; heatmap of log ||Ω_l||")

@@ -50,13 +50,13 @@ def test_missing_ewc_skips_violin(write_results, tmp_path):
     assert (out / "acc_vs_ppl.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def _drawn(monkeypatch, records, task="sciq"):
+def _drawn(monkeypatch, records, task="sciq", **kw):
     """plot_fronts's figure: its visible axes as a grid of (title, y label, labels of what each panel draws)."""
     import hlora.report.figures as F
 
     figs = []
     monkeypatch.setattr(F, "save_png", lambda fig, out: figs.append(fig) or out)
-    assert plot_fronts(records, task, "unused.png") == "unused.png"
+    assert plot_fronts(records, task, "unused.png", **kw) == "unused.png"
     (fig,) = figs
     return [ax for ax in fig.axes if ax.get_visible()], fig
 
@@ -103,3 +103,67 @@ def test_battery_fronts_png(write_results, tmp_path):
     assert 1500 <= w <= 2000 and 1000 <= h <= 1400  # 3 × 3 panels and the legends beside them, at 100 dpi
     assert "one row of panels per family" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     assert not res["skipped"].get("fronts_sciq.png")
+
+
+def _tune_json(path, data="sciq", measure="c4_kl", kind="kl", task="c4", limit=0.05, forgetting=0.04, acc=0.9):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "budget": {"measure": measure, "task": task, "kind": kind, "limit": limit, "units": ""},
+        "config": {"data": data}, "cost": {"training_steps": 120, "runs_equivalent": 2.0, "evaluations": 7},
+        "winner": {"label": "kl_general", "alpha": 0.75, "validation": {"forgetting": 0.045, "se": 0.004},
+                   "test": {"forgetting": forgetting, "se": 0.005, "domain_acc": acc}}}))
+    return path
+
+
+def test_budget_marks_map_each_budget_onto_its_panel(write_results, tmp_path):
+    """A KL budget is its own limit on the KL axis; a perplexity-rise budget is Base's C4 perplexity × (1 + limit);
+    a battery drop is Base's battery mean − limit points; budgets on another task or measure are left out."""
+    from report_records import battery_acc, to_new_format
+
+    from hlora.report.budget import budget_marks, load_tuned
+
+    recs = load_results(write_results([to_new_format(r) for r in make_results(wise=True)]))
+    bases = [r for r in recs if r["method"] == "base" and r["task"] == "sciq" and r["main"]]
+    base_ppl = sum(r["general_ppl"] for r in bases) / len(bases)  # Base's seed mean
+    base_battery = sum(battery_acc(r) for r in bases) / len(bases)
+    tuned = load_tuned([
+        _tune_json(tmp_path / "kl" / "tune.json"),
+        _tune_json(tmp_path / "ppl" / "tune.json", measure="c4_ppl_rise_pct", kind="ppl_rise_pct", limit=2.0,
+                   forgetting=1.5),
+        _tune_json(tmp_path / "bat" / "tune.json", measure="battery_drop_pts", kind="drop_pts", task="battery",
+                   limit=1.0, forgetting=0.5),
+        _tune_json(tmp_path / "other" / "tune.json", data="piqa"),  # another task's tune
+        _tune_json(tmp_path / "wiki" / "tune.json", measure="wikitext_kl", task="wikitext"),  # not the fronts' text
+    ])
+    marks = budget_marks(recs, tuned, "sciq")
+    assert [m["metric"] for m in marks] == ["general_kl", "general_ppl", "battery_acc"]
+    kl, ppl, bat = marks
+    assert (kl["line"], kl["y"], kl["x"]) == (0.05, 0.04, 0.9) and kl["budget"] == "c4_kl ≤ 0.05"
+    assert abs(ppl["line"] - base_ppl * 1.02) < 1e-9 and abs(ppl["y"] - base_ppl * 1.015) < 1e-9
+    assert abs(bat["line"] - (base_battery - 0.01)) < 1e-9 and abs(bat["y"] - (base_battery - 0.005)) < 1e-9
+    assert "kl_general" in kl["label"] and "0.75" in kl["label"]
+
+
+def test_fronts_draw_budgets_and_the_report_lists_them(write_results, tmp_path, monkeypatch):
+    import pytest
+    from report_records import to_new_format
+
+    from hlora.report.budget import load_tuned
+
+    path = write_results([to_new_format(r) for r in make_results(wise=True)])
+    tune = _tune_json(tmp_path / "t" / "tune.json")
+    axes, _ = _drawn(monkeypatch, load_results(path), tuned=load_tuned([tune]))
+    kl_axes = [ax for ax in axes if ax.get_ylabel().startswith("KL")]
+    assert kl_axes and all(any(ln.get_linestyle() == "-." and ln.get_ydata()[0] == 0.05 for ln in ax.lines)
+                           for ax in kl_axes)  # the budget on every KL panel
+    assert all(any(ln.get_marker() == "X" and ln.get_xdata()[0] == 90.0 for ln in ax.lines) for ax in kl_axes)
+    monkeypatch.undo()
+    write_report(path, tmp_path / "r", tuned=[tune])
+    md = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
+    assert "### Forgetting budgets" in md and "| sciq | c4_kl ≤ 0.05 | kl_general | 0.75 |" in md
+    with pytest.raises(ValueError, match="not a tune.json"):
+        (tmp_path / "bad.json").write_text("{}")
+        write_report(path, tmp_path / "r2", tuned=[tmp_path / "bad.json"])
+    assert not (tmp_path / "r2").exists()  # checked before anything is written

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..files import atomic_path
+from .budget import budget_marks
 from .load import BASE, family_label, role_row, general_names, main_cells, row_labels, row_order, task_label, task_order
 from .stats import CAP_RATIO, aggregate, base_point, front, item_comparison, reference_accuracy
 
@@ -183,6 +184,22 @@ def _guides(ax, cap: float | None, cap_ratio: float, acc_ref: float | None, ref_
         handles.setdefault(f"acc* = {_tex_safe(ref_label)} main accuracy", h)
 
 
+_BUDGET_COLORS = ("black", "darkred", "darkgreen", "navy", "purple", "saddlebrown")
+
+
+def _budget_guides(ax, marks: list[dict], metric: str, handles: dict) -> None:
+    """Each forgetting budget on this panel's axis (dash-dot) and the model `hlora tune` returned for it (✕)."""
+    k = _axis_scale(metric)
+    for i, m in enumerate(marks):
+        if m["metric"] != metric:
+            continue
+        c = _BUDGET_COLORS[i % len(_BUDGET_COLORS)]
+        handles.setdefault(f"budget {_tex_safe(m['budget'])}", ax.axhline(k * m["line"], ls="-.", lw=1, color=c))
+        if m["x"] is not None and m["y"] is not None:
+            h = ax.plot([100 * m["x"]], [k * m["y"]], marker="X", ms=10, color=c, mec="white", ls="none", zorder=6)[0]
+            handles.setdefault(f"{_tex_safe(m['label'])}, {_tex_safe(m['budget'])}", h)
+
+
 def _outlier_bounds(recs: list[dict], metric: str) -> tuple[float, float] | None:
     """(lowest value, p75 + 3·IQR) of a metric over the records, when some record lies above the latter."""
     vals = sorted(r[metric] for r in recs if r.get(metric) is not None)
@@ -228,7 +245,7 @@ def by_family(records: Iterable[dict], task: str) -> bool:
 
 def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, reference: str | None = None,
                 cap_ratio: float = CAP_RATIO, families: bool | None = None,
-                metrics: Iterable[str] | None = None) -> Path | None:  # fmt: skip
+                metrics: Iterable[str] | None = None, tuned: Iterable[dict] | None = None) -> Path | None:  # fmt: skip
     """Domain accuracy (x) against general ability (y) on one task, each row's front drawn as a line
     through its sweep points (seed means, ±std both ways, labelled with the sweep value). Base is a star,
     with the cap (Base PPL × cap_ratio) dashed and the reference's main accuracy dotted.
@@ -238,14 +255,16 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
     True): panels of perplexity, KL and the battery's mean (or `metrics`) in columns, one row of panels
     per family of rows (the records' `family`: HLoRA and its variants, practical alternatives, WiSE-FT
     curves), Base and, thin and grey, the row whose records say role "plain" (LoRA(μ)) in every row. `reference`:
-    default the row whose records say role "reference". None when the task has no record."""
+    default the row whose records say role "reference". `tuned`: `hlora tune` results (report.budget.load_tuned),
+    drawn as their budget lines and returned models. None when the task has no record."""
     records = list(records)
     reference = reference or role_row(records, "reference")
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
+    marks = budget_marks(records, tuned or [], task)
     if (by_family(recs, task) if families is None else families) and _families(recs):  # Base alone: one row
-        return _plot_fronts_by_family(records, recs, task, out_png, reference, cap_ratio, metrics)
+        return _plot_fronts_by_family(records, recs, task, out_png, reference, cap_ratio, metrics, marks)
     names = general_names(recs, legacy=False)
     axis = _axis_labels(names)
     panels = [p for p in _FRONT_PANELS if all(any(r.get(m) is not None for r in recs) for m in p)]
@@ -262,6 +281,8 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
                 handles.setdefault(label, _draw_front(ax, pts, metric, styles[m], label, m == BASE, xmetric))
         cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
         _guides(ax, cap, cap_ratio, acc_ref if xmetric == "acc" else None, labels.get(reference, reference), handles)
+        if xmetric == "acc":
+            _budget_guides(ax, marks, metric, handles)
         _clip_outliers(ax, recs, metric, labels, styles, xmetric)
         ax.set_xlabel(axis[xmetric])
         ax.set_ylabel(axis[metric])
@@ -286,7 +307,7 @@ def _families(recs: list[dict]) -> dict[str, list[str]]:
 
 
 def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out_png: str | Path, reference: str,
-                           cap_ratio: float, metrics: Iterable[str] | None) -> Path | None:  # fmt: skip
+                           cap_ratio: float, metrics: Iterable[str] | None, marks: list[dict]) -> Path | None:  # fmt: skip
     """The fronts figure with one row of panels per family (see `plot_fronts`)."""
     names = general_names(recs, legacy=False)
     axis = _axis_labels(names)
@@ -317,6 +338,7 @@ def _plot_fronts_by_family(records: list[dict], recs: list[dict], task: str, out
                 (shared if m == BASE or thin else own).setdefault(label, h)
             cap = base[1] * cap_ratio if metric == "general_ppl" and base is not None else None
             _guides(ax, cap, cap_ratio, acc_ref, labels.get(reference, reference), shared)
+            _budget_guides(ax, marks, metric, shared)
             if metric != "battery_acc":  # a broken model is an outlier upwards in PPL and KL only
                 _clip_outliers(ax, recs, metric, labels, styles, only=drawn)
             ax.set_ylabel(axis[metric], fontsize=8.5)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..files import write_text
 from . import figures as F
 from . import tables as T
+from .budget import load_tuned, tuned_markdown
 from .importance import importance_heatmap
 from .load import general_names, load_results, main_cells, role_row, row_labels, row_order, task_label, task_order
 from .stats import (
@@ -204,12 +205,12 @@ def _fronts_caption(records: list[dict], task: str) -> str:
             "each method's sweep is a line through its points, labelled with the swept value.")
 
 
-def _figures(records: list[dict], reference: str, out: _Out) -> list[str]:
+def _figures(records: list[dict], reference: str, out: _Out, tunes: list[dict] = ()) -> list[str]:
     """Draw every figure; returns the names of the fronts figures (shown first in report.md)."""
     fronts = []
     for t in task_order(records):
         name = F.fronts_name(t)
-        out.figure(name, lambda p, t=t: F.plot_fronts(records, t, p, reference), _fronts_caption(records, t),
+        out.figure(name, lambda p, t=t: F.plot_fronts(records, t, p, reference, tuned=tunes), _fronts_caption(records, t),
                    "no record on this task")  # fmt: skip
         fronts.append(name)
     out.figure("loss_curves.png", lambda p: F.plot_loss_curves(records, p), FIGURE_CAPTIONS["loss_curves.png"],
@@ -272,6 +273,8 @@ def _report_md(records, source: str, md: dict, fronts: list[str], reference: str
     lines = ["# HLoRA report", ""] + _provenance(records, source) + [""]
     lines += [f"## Forgetting at matched domain gain ({ref} as reference)", ""]
     lines += [md["h2h"], md["matched"] or "No matched-accuracy table (see the notes).", ""]
+    if md.get("budgets"):
+        lines += [md["budgets"], ""]
     for name in fronts:
         lines += [f"![{name}]({name})", "", out.captions[name], ""]
     tables = ("main", "ablation", "across", "retention", "letters", "compute", "complexity")
@@ -291,23 +294,27 @@ def _report_md(records, source: str, md: dict, fronts: list[str], reference: str
     return "\n".join(lines)
 
 
-def write_report(results_path: str | Path, out_dir: str | Path, reference: str | None = None) -> dict:
+def write_report(results_path: str | Path, out_dir: str | Path, reference: str | None = None,
+                 tuned: Iterable[str | Path] = ()) -> dict:
     """Tables, figures and `report.md` from `results.json` into out_dir, every file atomically.
 
     Reads only results_path, and checks it fully before writing anything. `reference` is the row
     the others are matched against (its main cell's accuracy); default the row whose records say role "reference"
-    (hlora.record: HLoRA for records older than roles). Returns {"files": [paths written],
+    (hlora.record: HLoRA for records older than roles). `tuned`: `hlora tune` results (tune.json files) whose budget
+    lines and returned models the fronts figures add, with a table of them. Returns {"files": [paths written],
     "skipped": {figure: reason}, "notes": [notes in report.md]}.
     """
     results_path = Path(results_path)
     records = load_results(results_path)
+    tunes = load_tuned(tuned)
     reference = reference or role_row(records, "reference") or ""
     out = _Out(Path(out_dir))
     _record_notes(records, out)
     md = _table_sections(records, reference, out)
-    fronts = _figures(records, reference, out)
+    md["budgets"] = ("### Forgetting budgets (`hlora tune`)\n\n" + tuned_markdown(tunes)) if tunes else ""
+    fronts = _figures(records, reference, out, tunes)
     out.notes += [f"{name} skipped: {reason}." for name, reason in out.skipped.items()]
-    order = ("h2h", "matched", "fronts", "across", "main", "ablation", "retention", "letters", "compute",
+    order = ("h2h", "matched", "budgets", "fronts", "across", "main", "ablation", "retention", "letters", "compute",
              "complexity")
     sections = [md[k] for k in order if md[k]] + ["### Significance over seeds\n", md["significance"]]
     out.put("tables.md", "\n".join(sections))

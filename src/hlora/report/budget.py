@@ -1,0 +1,106 @@
+"""Forgetting budgets on the fronts figure: each `hlora tune` result (tune.json) as its budget line and the point
+of the model it returned, on the panel whose axis the budget constrains.
+
+Pure functions of the records and the tune.json files (no torch, no model). A budget lands on a panel when its
+measure is the one the fronts plot on the same task: `<general_eval>_kl` on the KL panel (its limit as it is),
+`<general_eval>_ppl_rise_pct` on the perplexity panel (Base's perplexity × (1 + limit/100)), and
+`battery_drop_pts` on the battery panel (Base's battery mean − limit points). The point is the returned model's
+*test* measures (domain accuracy, forgetting), mapped the same way; its forgetting was measured on tune's own
+test slice, so the point sits on the fronts' axes through Base, not through the same tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .load import BASE, main_cells
+
+__all__ = ["load_tuned", "budget_marks", "tuned_markdown"]
+
+
+def load_tuned(paths: Iterable[str | Path]) -> list[dict]:
+    """tune.json files -> their records (each with `path`); a file that is not one is an error naming it."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: cannot read a tune.json ({e})") from None
+        missing = [k for k in ("budget", "winner", "config") if k not in rec]
+        if missing:
+            raise ValueError(f"{p}: not a tune.json (no {', '.join(missing)})")
+        for k in ("task", "kind", "limit"):
+            if k not in (rec["budget"] or {}):
+                raise ValueError(f"{p}: budget has no {k!r}")
+        out.append({**rec, "path": str(p)})
+    return out
+
+
+def _base_mean(records: list[dict], task: str, metric: str) -> float | None:
+    vals = [r[metric] for r in main_cells(records) if r["method"] == BASE and r["task"] == task
+            and r.get(metric) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def budget_marks(records: Iterable[dict], tuned: Iterable[dict], task: str) -> list[dict]:
+    """One mark per tune result on `task` whose budget maps onto a fronts panel: {metric (the panel's y: general_kl |
+    general_ppl | battery_acc), line (the budget on that axis), x (test domain accuracy, fraction) or None when no
+    model was returned, y (its test forgetting on that axis), label, budget (the measure and limit as text)}."""
+    records = [r for r in records if r["task"] == task]
+    evals = {r.get("general_eval") for r in records if r.get("general_eval")}
+    marks = []
+    for t in tuned:
+        if (t.get("config") or {}).get("data") != task:
+            continue
+        b = t["budget"]
+        limit = float(b["limit"])
+        if b["kind"] == "kl" and b["task"] in evals:
+            metric, line, to_y = "general_kl", limit, (lambda f: f)
+        elif b["kind"] == "ppl_rise_pct" and b["task"] in evals:
+            base = _base_mean(records, task, "general_ppl")
+            if base is None:
+                continue
+            metric, line, to_y = "general_ppl", base * (1 + limit / 100), (lambda f, base=base: base * (1 + f / 100))
+        elif b["kind"] == "drop_pts" and b["task"] == "battery":
+            base = _base_mean(records, task, "battery_acc")
+            if base is None:
+                continue
+            metric, line, to_y = "battery_acc", base - limit / 100, (lambda f, base=base: base - f / 100)
+        else:
+            continue
+        w = t.get("winner") or {}
+        test = w.get("test") or {}
+        measure = b.get("measure") or f"{b['task']}_{b['kind']}"
+        marks.append({
+            "metric": metric, "line": line, "budget": f"{measure} ≤ {limit:g}",
+            "x": test.get("domain_acc") if w else None, "y": to_y(test["forgetting"]) if w and "forgetting" in test else None,
+            "label": f"hlora tune → {w.get('label', '?')} (α = {w.get('alpha', 1.0):.2g})" if w else "hlora tune: none within budget",
+            "path": t.get("path", ""),
+        })
+    return marks
+
+
+def tuned_markdown(tuned: Iterable[dict]) -> str:
+    """One line per tune result: budget, the model returned, its validation and test forgetting and accuracy, cost."""
+    rows = ["| task | budget | returned | α | forgetting, validation | forgetting, test | domain acc, test | "
+            "training steps (× one run) | evaluations | file |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for t in tuned:
+        b, w, c = t["budget"], t.get("winner") or {}, t.get("cost") or {}
+        v, s = w.get("validation") or {}, w.get("test") or {}
+
+        def f(p, k="forgetting"):
+            return f"{p[k]:.4g} ± {p.get('se', float('nan')):.2g}" if k in p else "–"
+
+        rows.append(f"| {(t.get('config') or {}).get('data', '?')} | {b.get('measure', b['kind'])} ≤ {b['limit']:g} | "
+                    f"{w.get('label', 'none within budget')} | {w.get('alpha', float('nan')):.3g} | {f(v)} | {f(s)} | "
+                    f"{100 * s['domain_acc']:.1f} % | {c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')}) | "
+                    f"{c.get('evaluations', '?')} | {Path(t.get('path', '')).parent.name}/tune.json |"
+                    if s.get("domain_acc") is not None else
+                    f"| {(t.get('config') or {}).get('data', '?')} | {b.get('measure', b['kind'])} ≤ {b['limit']:g} | "
+                    f"none within budget | | | | | {c.get('training_steps', '?')} | {c.get('evaluations', '?')} | "
+                    f"{Path(t.get('path', '')).parent.name}/tune.json |")
+    return "\n".join(rows) + "\n"
