@@ -217,6 +217,7 @@ def test_dual_controller_on_a_tiny_model_steers_the_coefficient(tmp_path, data):
     rhos = [r["value"] for r in ctrl.trace]
     assert ctrl.name == "rho" and rhos[0] == 0.25 and rhos[-1] == 0.0  # ρ falls to 0, clipped
     assert ctrl.method._mixed.steered
+    assert ctrl.method._mixed.rho == 0.0  # the data laid out after an update takes the steered share
 
 
 def test_replay_lays_out_steps_lazily_like_mix_order():

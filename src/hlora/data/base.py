@@ -1,7 +1,7 @@
 """Task data types and the task protocol. Tasks are data (templates over records), not code paths."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from ..data.packing import batches
-from ..lora import DriftPenalty, LoraRef, delta_w, lora_modules, to_weight_layout
+from ..lora import DriftPenalty, LoraRef, lora_modules, to_weight_layout
 from ..util import adapter_disabled, eval_mode, model_device, requires_grad
 
 # Largest per-chunk (samples × out × in) tensor of per-sample gradients (elements, fp32 → 128 MiB).

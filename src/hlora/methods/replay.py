@@ -107,6 +107,8 @@ class Replay(Method):
     def set_coefficient(self, value: float) -> None:
         super().set_coefficient(value)
         self._steered = True
+        if self._mixed is not None:  # steps laid out from now on take the new share
+            self._mixed.rho, self._mixed.steered = float(value), True
 
     def bench_variant(self, model, omega, domain, general):
         # a share ρ of the batch from the general pool: the same work as a plain step
@@ -114,8 +116,6 @@ class Replay(Method):
 
         k = int(domain["input_ids"].shape[0] * self.cfg.rho)
         return {"batch": {key: torch.cat([general[key][:k], domain[key][k:]]) for key in domain}}
-        if self._mixed is not None:  # steps laid out from now on take the new share
-            self._mixed.rho, self._mixed.steered = float(value), True
 
     def train_dataset(self, dataset):
         rho = float(self.cfg.rho)
