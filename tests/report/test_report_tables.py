@@ -14,7 +14,8 @@ from hlora import report
 from hlora.report import load_results, write_report
 from hlora.report.load import normalize_record
 from hlora.report.stats import compute_summary, transfer_summary
-from hlora.report.tables import compute_markdown, retention_markdown
+from hlora.report.compare import retention_markdown
+from hlora.report.tables import compute_markdown
 
 
 def _rows(path):
@@ -180,7 +181,7 @@ def test_sweeps_across_tasks_put_each_value_side_by_side():
 
 def test_head_to_head_table_shows_differences_with_paired_p():
     from hlora.report.stats import head_to_head
-    from hlora.report.tables import head_to_head_markdown
+    from hlora.report.compare import head_to_head_markdown
 
     recs = [normalize_record(r) for r in [
         cell("hlora", "sciq", 0, 0.80, 25.0, label="HLoRA", sweep=("phi", 1.0), kl=0.2),

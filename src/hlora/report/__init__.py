@@ -6,10 +6,12 @@ report never opens a run directory, a model or an importance file. Entry points:
 
 Modules: `load` (reading and checking records, how the general measures are named), `stats` (seed
 means, t-tests, fronts, matched accuracy, caps, dominated area, answer letters), `tables`, `figures`,
-`importance` (layer weights, heatmap), `write` (`write_report`).
+`compare` (tables against a reference: matched, retention, head to head, letters), `importance` (layer weights,
+heatmap), `budget` (forgetting budgets from `hlora tune` on the fronts), `write` (`write_report`).
 """
 from __future__ import annotations
 
+from .compare import head_to_head_markdown, letter_markdown, matched_markdown, retention_markdown
 from .figures import plot_acc_vs_ppl, plot_fronts, plot_loss_curves, plot_sweeps, plot_violin
 from .importance import (
     entropy,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..files import write_text
+from . import compare as C
 from . import figures as F
 from . import tables as T
 from .budget import load_tuned, tuned_markdown
@@ -100,12 +101,12 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     across = T.sweeps_across_tasks_markdown(records)
     letters = letter_analysis(records)
     md = {
-        "h2h": (_H2H_TITLE + "\n".join(T.head_to_head_markdown(h, names) for h in h2h)) if h2h else "",
-        "matched": _matched_title(names) + T.matched_markdown(matched, names) if matched else "",
+        "h2h": (_H2H_TITLE + "\n".join(C.head_to_head_markdown(h, names) for h in h2h)) if h2h else "",
+        "matched": _matched_title(names) + C.matched_markdown(matched, names) if matched else "",
         "main": T.grid_markdown(t1, _main_title(names)),
         "ablation": T.grid_markdown(t2, "Ablations (layer-wise and element-wise regularization)"),
-        "retention": ("### Cross-task retention\n\n" + T.retention_markdown(transfer)) if transfer else "",
-        "letters": (_LETTER_TITLE + T.letter_markdown(letters)) if letters else "",
+        "retention": ("### Cross-task retention\n\n" + C.retention_markdown(transfer)) if transfer else "",
+        "letters": (_LETTER_TITLE + C.letter_markdown(letters)) if letters else "",
         "compute": "### Compute per method\n\n" + T.compute_markdown(compute),
         "complexity": T.complexity_markdown(comp, "Importance cost: SI (HLoRA) vs Fisher (EWC-LoRA)"),
         "significance": T.significance_markdown(seed_significance(records, reference), labels, reference, names),
@@ -118,11 +119,11 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     out.put("complexity.csv", T.complexity_csv(comp))
     out.put("compute.csv", T.compute_csv(compute))
     if matched:
-        out.put("matched.csv", T.matched_csv(matched, names))
+        out.put("matched.csv", C.matched_csv(matched, names))
     if transfer:
-        out.put("retention.csv", T.retention_csv(transfer))
+        out.put("retention.csv", C.retention_csv(transfer))
     if letters:
-        out.put("letters.csv", T.letter_csv(letters))
+        out.put("letters.csv", C.letter_csv(letters))
     out.put("tables.tex", _latex(t1, t2, comp, matched, names))
     _table_notes(records, t2, comp, matched, transfer, reference, out)
     return md
@@ -138,7 +139,7 @@ def _latex(t1: dict, t2: dict, comp: dict, matched: list[dict], names: dict) -> 
         T.grid_latex(t2, "Ablations: layer-wise and element-wise regularization removed.", "tab:hlora-ablation"),
         T.complexity_latex(comp, "Cost of the importance: SI (HLoRA) vs diagonal Fisher (EWC-LoRA).", "tab:hlora-cost"),
     ]
-    parts += [T.matched_latex(s, f"tab:hlora-matched-{i}", names) for i, s in enumerate(matched)]
+    parts += [C.matched_latex(s, f"tab:hlora-matched-{i}", names) for i, s in enumerate(matched)]
     return "\n".join(parts)
 
 
