@@ -219,3 +219,27 @@ def test_transfer_tasks_add_tasks_no_cell_tunes_on():
         "sciq", "piqa"]
     cfg.transfer = "none"
     assert _transfer_tasks(cfg, cell) == []
+
+
+def test_a_cell_on_a_task_split_finds_its_results(tmp_path, monkeypatch):
+    """A cell on "sciq:validation" (an lr sweep scored on validation) reads the results evaluation keys by the
+    task's name, with its transfer tasks, and writes a record that passes the schema."""
+    from hlora.experiment import ExperimentConfig, plan
+    from hlora.experiment import records as R
+
+    def mcq(acc):
+        return {"acc": acc, "acc_norm": acc, "n": 2, "seconds": 1.0,
+                "per_item": {"acc": [1.0, 0.0], "acc_norm": [1.0, 0.0], "ll_gold": [-1.0, -2.0], "pred": [0, 1],
+                             "gold": [0, 0], "ll": [[-1.0, -2.0], [-3.0, -2.0]]}}
+
+    ev = {"sciq": mcq(0.5), "medmcqa": mcq(0.25),
+          "c4": {"token_ppl": 30.0, "word_ppl": 60.0, "bits_per_byte": 1.0, "n_tokens": 64, "seconds": 1.0}}
+    cfg = ExperimentConfig(methods=["base"], tasks=["sciq:validation"], transfer="all", transfer_tasks=["medmcqa"],
+                           general_eval="c4", texts=["c4"], out=str(tmp_path / "work"))
+    (cell,) = plan(cfg)
+    monkeypatch.setattr(R, "_trained", lambda cfg, cell: (None, {"cost": {}, "train_seconds": 0.0}))
+    monkeypatch.setattr(R, "_evaluate", lambda cfg, cell, adapter: ev)
+    rec = R.run_cell(cfg, cell, tmp_path / "records")
+    assert rec["task"] == "sciq:validation" and rec["acc"] == 0.5 and rec["general_ppl"] == 30.0
+    assert list(rec["transfer"]) == ["medmcqa"] and rec["transfer"]["medmcqa"]["acc"] == 0.25
+    assert (tmp_path / "records" / f"{cell.name}.json").exists()

@@ -38,6 +38,16 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _result(ev: dict, spec: str) -> dict:
+    """A task's result in an evaluation: results are keyed by the task's name, a cell by what the config wrote
+    ("sciq:validation" is task sciq scored on its validation split)."""
+    if spec in ev:
+        return ev[spec]
+    from ..data.tasks import get_task
+
+    return ev[get_task(spec).name]
+
+
 def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     path = records / f"{cell.name}.json"
     want = settings_hash(cfg, cell)
@@ -50,7 +60,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     t0 = time.perf_counter()
     adapter, info = _trained(cfg, cell)
     ev = _evaluate(cfg, cell, adapter)
-    t_res, g_res = ev[cell.task], ev[cfg.general_eval]
+    t_res, g_res = _result(ev, cell.task), _result(ev, cfg.general_eval)
     cost = {**info.pop("cost"), "eval_seconds": sum(r.get("seconds", 0.0) for r in ev.values())}
     cost["wall_seconds"] = time.perf_counter() - t0
     rec = {
@@ -68,7 +78,7 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
                      if k in t_res["per_item"]},
         "transfer": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "pred": r["per_item"]["pred"],
                          "gold": r["per_item"]["gold"], "ll": r["per_item"]["ll"]}
-                     for t, r in ev.items() if t in _transfer_tasks(cfg, cell)},
+                     for t in _transfer_tasks(cfg, cell) for r in [_result(ev, t)]},
         "cost": cost, "train_seconds": info.pop("train_seconds"),
         "importance_seconds": None, "importance_bytes": None, "importance_kind": None,
         "full_fisher_bytes": None, "full_fisher_seconds": None, "curve": None, "layer_norms": None,
@@ -98,14 +108,14 @@ def _general_measures(cfg: ExperimentConfig, ev: dict, adapter) -> dict:
 
     texts = {}
     for t in dict.fromkeys([cfg.general_eval, *cfg.texts]):
-        r = ev[t]
+        r = _result(ev, t)
         texts[t] = {"ppl": r["token_ppl"], "word_ppl": r["word_ppl"], "bpb": r["bits_per_byte"],
                     "kl": r.get("kl", 0.0 if adapter is None else None), "n_tokens": r["n_tokens"],
                     "stage_nu_text": t == cfg.general_data}
     out: dict = {"record_version": RECORD_VERSION, "general_eval": cfg.general_eval, "texts": texts}
     names = _battery_tasks(cfg)
     if names:
-        res = {t: ev[t] for t in names}
+        res = {t: _result(ev, t) for t in names}
         mean, se = mean_accuracy(list(res.values()))
         out["battery"] = {
             "acc": mean, "acc_stderr": se,
