@@ -160,6 +160,15 @@ run_stage(cfg, "general")
 """
 
 
+def _free_port() -> int:
+    """A port no one listens on now (a fixed one collides with another run of the suite on the same machine)."""
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path, embedded_data):
     common = [*TINY, "train.max_steps=3", "train.shuffle=false", "lora.dropout=0.0", "train.max_grad_norm=0"]
@@ -167,7 +176,8 @@ def test_ddp_two_processes_match_one(tmp_path, embedded_data):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script),
            *common, "train.batch_size=2", f"out={tmp_path / 'two'}"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
