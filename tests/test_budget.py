@@ -4,6 +4,7 @@ model), unresolvable budgets, and `hlora tune` end to end on a tiny model."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import random
 
@@ -354,6 +355,23 @@ def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
     # a finished tune is not overwritten
     assert _cli(tmp_path, data, "--method", "none", "--budget", f"text:{data}/general.jsonl_kl=0.5") == 2
     assert "already holds a finished tune" in capsys.readouterr().err
+
+
+def test_tunes_sharing_a_runs_dir_reuse_what_the_budget_does_not_change(tmp_path, data, capsys):
+    """With tune.runs_dir, a second tune with another budget reuses the unsteered candidate's run and trains the
+    steered one again (its controller depends on the budget)."""
+    shared = f"tune.runs_dir={tmp_path / 'shared'}"
+    args = [shared, "--method", "auto", "--allow", "kl_general"]
+    assert _cli(tmp_path, data, *args, "--budget", f"text:{data}/general.jsonl_kl=0.5") == 0
+    first = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    (tmp_path / "tune").rename(tmp_path / "tune-a")
+    assert _cli(tmp_path, data, *args, "--budget", f"text:{data}/general.jsonl_kl=0.4") == 0
+    second = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    none_a, kl_a = first["candidates"]
+    none_b, kl_b = second["candidates"]
+    assert none_b["run"] == none_a["run"] and none_b["train"]["reused"]  # plain LoRA: trained once
+    assert kl_b["run"] != kl_a["run"] and not kl_b["train"]["reused"]  # steered toward another budget: trained again
+    assert all(os.path.dirname(c["run"]) == str(tmp_path / "shared") for c in first["candidates"] + second["candidates"])
 
 
 def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):

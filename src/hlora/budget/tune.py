@@ -19,6 +19,7 @@ run already finished (DONE) under OUT/runs is reused, so an interrupted tune con
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -56,6 +57,8 @@ class TuneOptions:
     allow: list[str] = field(default_factory=_default_allow)  # the regularisers `auto` tries
     dual: bool = True  # steer the method's coefficient during training (false: train at its config value)
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
+    runs_dir: str = ""  # "" = OUT/runs; else a folder shared by several tunes, each run named by what determines it,
+    # so that tunes with other budgets reuse what does not depend on the budget (plain LoRA, HLoRA's stage ν)
     start: dict = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
     # else dual.start, else the method's config value
 
@@ -102,6 +105,16 @@ def _run_config(cfg: TuneConfig, **changes) -> RunConfig:
 def _method_cfg(cfg: TuneConfig, name: str):
     """The user's method config when it is this method's (its settings and starting coefficient), else defaults."""
     return dataclasses.replace(cfg.method) if cfg.method.name == name else method_config(name)
+
+
+def _placed(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict | None = None) -> RunConfig:
+    """rc with its run directory: OUT/runs/<label>, or with `tune.runs_dir` <runs_dir>/<label>-<digest of everything
+    that determines the run> (for a steered run that includes the budget, the controller and the slices)."""
+    if not cfg.tune.runs_dir:
+        return rc
+    what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / f"{label}-{key}"))
 
 
 def _stage(rc: RunConfig, stage: str, callbacks: list) -> tuple[Path, bool]:
@@ -183,14 +196,15 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
                                      init_adapter="", importance_file="", out=str(out / "runs" / "nu"),
                                      train=dataclasses.replace(cfg.train, max_steps=cfg.tune.general_steps
                                                                or cfg.train.max_steps))
-                nu_run, reused = _stage(nu_cfg, "general", [])
+                nu_run, reused = _stage(_placed(cfg, nu_cfg, "nu"), "general", [])
                 if not nu["steps"]:
                     nu["steps"], nu["train_seconds"] = _steps(nu_run)
                 changes.update(init_adapter=str(nu_run / "adapter"), importance_file=str(nu_run / needs))
         elif cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
-        rc = _run_config(cfg, **changes)
         dcfg = dataclasses.replace(cfg.dual, start=float(cfg.tune.start.get(name, cfg.dual.start)))
+        steer = {"budget": to_dict(b), "dual": to_dict(dcfg), "slices": to_dict(cfg.slices)} if steered else None
+        rc = _placed(cfg, _run_config(cfg, **changes), label, steer)
         ctrl = DualController(make_proxy(b, gen_val, dcfg, seq_len), b.limit, dcfg) if steered else None
         echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
         run, reused = _stage(rc, "domain", [ctrl] if ctrl else [])
