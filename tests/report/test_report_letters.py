@@ -79,3 +79,22 @@ def test_a_letter_task_with_a_split_is_still_one(write_results):
     (block,) = letter_analysis(load_results(write_results(recs)))
     assert block["task"] == block["tuned"] == "medmcqa:validation" and block["letters"] == "ABCD"
     assert next(r for r in block["rows"] if r["method"] == "lora_mu")["prior"]
+
+
+def test_an_lr_sweep_gets_a_letters_line_per_learning_rate(write_results, tmp_path):
+    """In an lr sweep each learning rate is its own line (the row's points are settings, not a front); a grid
+    with other sweeps keeps main cells only."""
+    recs = [letter_cell("base", LETTER_SIGNAL, task="sciq", label="Base"),
+            letter_cell("lora_mu", LETTER_SIGNAL, (0.5, 0, 0, 0), task="sciq", label="LoRA(μ)",
+                        sweep=("lr", 1e-4), main=False),
+            letter_cell("lora_mu", LETTER_SIGNAL, A_PRIOR, task="sciq", label="LoRA(μ)",
+                        sweep=("lr", 1e-3))]  # fmt: skip
+    (block,) = letter_analysis(load_results(write_results(recs)), points=True)
+    rows = {r["label"]: r for r in block["rows"]}
+    assert set(rows) == {"Base", "LoRA(μ) (lr = 0.0001)", "LoRA(μ) (lr = 0.001)"} and block["points"]
+    assert not rows["LoRA(μ) (lr = 0.0001)"]["lost"] and rows["LoRA(μ) (lr = 0.001)"]["prior"]
+    write_report(write_results(recs), tmp_path / "r")
+    tables = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
+    assert "| LoRA(μ) (lr = 0.0001) | 8 (0) |" in tables and "Every sweep point as its own row" in tables
+    (main_only,) = letter_analysis(load_results(write_results(recs)))
+    assert [r["label"] for r in main_only["rows"]] == ["Base", "LoRA(μ)"]

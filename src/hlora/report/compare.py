@@ -269,7 +269,8 @@ def letter_markdown(blocks: Sequence[dict]) -> str:
     if not blocks:
         return ""
     lines.append(
-        "Main cells, items pooled over seeds. Predicted / Gold: share of items whose predicted / gold answer is each "
+        ("Every sweep point as its own row" if any(b.get("points") for b in blocks) else "Main cells") +
+        ", items pooled over seeds. Predicted / Gold: share of items whose predicted / gold answer is each "
         "letter. χ²: scipy.stats.chisquare of the predicted letters' counts against the gold letters' counts "
         "(∞, p 0: a letter predicted that is never gold). Debiased acc: for each model (cell), each choice's "
         "log-likelihood less that letter's mean log-likelihood over the model's items, argmax again; it removes a "

@@ -576,7 +576,21 @@ def _letter_row(rs: list[dict], task: str, k: int) -> dict | None:
             "debiased_acc": correct_deb / n_deb if n_deb else None, "n_debiased": n_deb}  # fmt: skip
 
 
-def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None = None) -> list[dict]:
+def each_point_as_row(records: Iterable[dict]) -> list[dict]:
+    """Every sweep point as a row of its own (id `<row>@<param>=<value>`, label `<label> (<param> = <value>)`, main):
+    for an lr sweep, whose points are one row's settings rather than a front."""
+    out = []
+    for r in records:
+        sw = r.get("sweep")
+        if sw and sw.get("value") is not None:
+            r = {**r, "method": f"{r['method']}@{sw['param']}={sw['value']:g}",
+                 "label": f"{r['label']} ({sw['param']} = {sw['value']:g})", "main": True}
+        out.append(r)
+    return out
+
+
+def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None = None,
+                    points: bool = False) -> list[dict]:
     """Which answer letter each row picks on a letter task (MedMCQA), and whether a loss there is a letter prior.
 
     One block per (letter task, tuned task) with predictions recorded: the letter task itself as the tuned
@@ -589,12 +603,14 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
     below b − se; its debiased accuracy *recovers* when ≥ b − se; the loss is a *letter prior* when it
     loses, its predictions differ from the gold letters (p < PRIOR_P) and the debiased accuracy recovers.
 
-    Returns [{"task", "tuned", "letters", "base": {"acc", "se"} | None, "rows": [{"method", "label", "n",
+    `points`: every sweep point is a row of its own (`each_point_as_row`), not only the main cells.
+
+    Returns [{"task", "tuned", "letters", "points", "base": {"acc", "se"} | None, "rows": [{"method", "label", "n",
     "seeds", "pred", "gold" (shares per letter), "acc", "chi2", "p", "debiased_acc", "lost", "recovers",
     "prior"}]}]; lost/recovers/prior are None for Base and without Base.
     """
     letter_tasks = LETTER_TASKS if letter_tasks is None else letter_tasks
-    main = main_cells(records)
+    main = main_cells(each_point_as_row(records) if points else records)
     labels = row_labels(main)
     seen = dict.fromkeys([r["task"] for r in main] + [t for r in main for t in (r.get("transfer") or {})])
     # a task is a letter task by its name or its name before a split ("medmcqa:validation")
@@ -627,5 +643,6 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
                 row["recovers"] = None if row["debiased_acc"] is None else row["debiased_acc"] >= level
                 skewed = not math.isnan(row["p"]) and row["p"] < PRIOR_P
                 row["prior"] = bool(row["lost"] and skewed and row["recovers"])
-            blocks.append({"task": task, "tuned": tuned, "letters": letters, "base": base, "rows": rows})
+            blocks.append({"task": task, "tuned": tuned, "letters": letters, "points": points, "base": base,
+                           "rows": rows})
     return blocks

@@ -99,7 +99,9 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     compute = compute_summary(records)
     h2h = [h for t in task_order(records) if (h := head_to_head(records, t, reference))["ref_seeds"]]
     across = T.sweeps_across_tasks_markdown(records)
-    letters = letter_analysis(records)
+    # An lr sweep's points are one row's settings, not a front: each gets its own line in the letters table.
+    swept = [r["sweep"]["param"] for r in records if r.get("sweep")]
+    letters = letter_analysis(records, points=bool(swept) and set(swept) == {"lr"})
     md = {
         "h2h": (_H2H_TITLE + "\n".join(C.head_to_head_markdown(h, names) for h in h2h)) if h2h else "",
         "matched": _matched_title(names) + C.matched_markdown(matched, names) if matched else "",
