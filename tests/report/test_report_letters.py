@@ -30,7 +30,7 @@ def test_a_row_that_always_answers_a_is_a_letter_prior(write_results):
     assert block["task"] == block["tuned"] == "medmcqa" and block["letters"] == "ABCD"
     rows = {r["method"]: r for r in block["rows"]}
     base_acc = 6 / 8  # Base knows items 1, 2, 4, 5, 6, 8
-    assert block["base"] == {"acc": base_acc, "se": pytest.approx(math.sqrt(0.75 * 0.25 / 8))}
+    assert block["base"] == {"acc": base_acc, "se": pytest.approx(math.sqrt(0.75 * 0.25 / 8)), "debiased_acc": 6 / 8}
     a = rows["lora_mu"]
     assert a["pred"] == [1.0, 0.0, 0.0, 0.0] and a["gold"] == GOLD_SHARES and a["acc"] == 3 / 8
     # chi-square by hand: counts (8, 0, 0, 0) against (3, 2, 2, 1): 25/3 + 4/2 + 4/2 + 1/1 = 40/3, 3 df
@@ -64,7 +64,7 @@ def test_letter_table_only_with_predictions(write_results, tmp_path):
     assert ("| EWC-LoRA | 8 (0) | 25 / 25 / 25 / 25 | 38 / 25 / 25 / 12 | 0.0 | 1.3 (0.721) | 0.0 | no: debiased "
             "acc stays below Base |") in tables  # fmt: skip
     assert "| HLoRA | 8 (0) |" in tables and "| no loss |" in tables and "| Base | 8 (0) |" in tables
-    assert "debiased accuracy is back at Base's level (≥ Base − se)" in tables  # the rule is in the caption
+    assert "is back at Base's debiased level (≥ Base's debiased accuracy − se" in tables  # the rule is in the caption
     assert (tmp_path / "r" / "letters.csv").read_text().startswith("task,tuned_task,method,")
     assert "Answer letters" in (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
     write_report(write_results(make_results()), tmp_path / "old")  # no predictions: no table, no file
@@ -98,3 +98,19 @@ def test_an_lr_sweep_gets_a_letters_line_per_learning_rate(write_results, tmp_pa
     assert "| LoRA(μ) (lr = 0.0001) | 8 (0) |" in tables and "Every sweep point as its own row" in tables
     (main_only,) = letter_analysis(load_results(write_results(recs)))
     assert [r["label"] for r in main_only["rows"]] == ["Base", "LoRA(μ)"]
+
+
+def test_a_base_that_always_answers_a_is_the_knowledge_reference_debiased(write_results):
+    """When Base's own accuracy is a letter prior (it answers A everywhere, right on the gold A items), a tuned row
+    that spreads its letters loses raw accuracy; whether it lost knowledge is read against Base's *debiased*
+    accuracy, not its raw one."""
+    recs = [letter_cell("base", LETTER_SIGNAL, A_PRIOR, label="Base"),  # always A: 3 / 8 right, debiased 6 / 8
+            letter_cell("lora_mu", LETTER_SIGNAL, (0, 0, 3.0, 0), label="LoRA(μ)")]  # always C: 2 / 8
+    (block,) = letter_analysis(load_results(write_results(recs)))
+    base = block["base"]
+    assert base["acc"] == 3 / 8 and base["debiased_acc"] == 6 / 8
+    row = next(r for r in block["rows"] if r["method"] == "lora_mu")
+    assert row["acc"] == 2 / 8 and not row["lost"]  # 25 % vs 37.5 % ± 17: within one se
+    recs[1] = letter_cell("lora_mu", LETTER_WRONG, (0, 0, 3.0, 0), label="LoRA(μ)")  # knows nothing: debiased 0
+    row = next(r for r in letter_analysis(load_results(write_results(recs)))[0]["rows"] if r["method"] == "lora_mu")
+    assert row["recovers"] is False

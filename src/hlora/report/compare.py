@@ -277,8 +277,9 @@ def letter_markdown(blocks: Sequence[dict]) -> str:
         "preference for a letter whatever the question. The rule: a row *loses* when its accuracy is below Base's "
         "by more than one standard error of Base's accuracy (se = √(b(1−b)/n)); the loss is a *letter prior* when "
         f"its predictions differ from the gold letters (χ² p < {PRIOR_P:g}) and its debiased accuracy is back at "
-        "Base's level (≥ Base − se): the knowledge is there and only the letter the model favours moved. A loss "
-        "whose debiased accuracy stays below Base's is lost knowledge (or more than a letter prior).")
+        "Base's debiased level (≥ Base's debiased accuracy − se; Base's own accuracy can be a letter prior): the "
+        "knowledge is there and only the letter the model favours moved. A loss whose debiased accuracy stays below "
+        "Base's is lost knowledge (or more than a letter prior).")
     return "\n".join(lines) + "\n"
 
 

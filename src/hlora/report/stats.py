@@ -600,8 +600,9 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
     *debiased accuracy*: per model (record), each choice's log-likelihood less that letter's mean
     log-likelihood over the model's items, argmax again. Against Base in the same block, with
     se = sqrt(b (1 − b) / n) of Base's accuracy b over its n items: a row *loses* when its accuracy is
-    below b − se; its debiased accuracy *recovers* when ≥ b − se; the loss is a *letter prior* when it
-    loses, its predictions differ from the gold letters (p < PRIOR_P) and the debiased accuracy recovers.
+    below b − se; its debiased accuracy *recovers* when ≥ Base's debiased accuracy − se (Base's own accuracy may
+    be a letter prior); the loss is a *letter prior* when it loses, its predictions differ from the gold letters
+    (p < PRIOR_P) and the debiased accuracy recovers.
 
     `points`: every sweep point is a row of its own (`each_point_as_row`), not only the main cells.
 
@@ -633,14 +634,16 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
             base = None
             if base_row is not None:
                 b = base_row["acc"]
-                base = {"acc": b, "se": math.sqrt(b * (1 - b) / base_row["n"])}
+                base = {"acc": b, "se": math.sqrt(b * (1 - b) / base_row["n"]), "debiased_acc": base_row["debiased_acc"]}
             for row in rows:
                 row["lost"] = row["recovers"] = row["prior"] = None
                 if base is None or row["method"] == BASE:
                     continue
-                level = base["acc"] - base["se"]
-                row["lost"] = row["acc"] < level
-                row["recovers"] = None if row["debiased_acc"] is None else row["debiased_acc"] >= level
+                row["lost"] = row["acc"] < base["acc"] - base["se"]
+                # knowledge against knowledge: Base's own accuracy may be a letter prior (SmolLM2 answers A on
+                # every MedMCQA item), so the debiased accuracy is held against Base's debiased accuracy
+                known = base["debiased_acc"] if base["debiased_acc"] is not None else base["acc"]
+                row["recovers"] = None if row["debiased_acc"] is None else row["debiased_acc"] >= known - base["se"]
                 skewed = not math.isnan(row["p"]) and row["p"] < PRIOR_P
                 row["prior"] = bool(row["lost"] and skewed and row["recovers"])
             blocks.append({"task": task, "tuned": tuned, "letters": letters, "points": points, "base": base,
