@@ -36,8 +36,33 @@ def pick(records: list[dict]) -> dict[str, dict]:
                                           -r["acc"]))
         out[row] = {"lr": chosen["lr"], "se": se, "label": best.get("label", row),
                     "points": [(r["lr"], r["acc"], r.get("general_kl"), (r.get("battery") or {}).get("acc"))
-                               for r in pts]}
+                               for r in pts],
+                    "records": pts}
     return out
+
+
+def markdown(picks: dict[str, dict], base: list[dict] = ()) -> str:
+    """The table behind the picks (every lr of every row, Base first when given) and the `options` lines."""
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}"
+
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    lines = ["| row | lr | val acc % | C4 PPL | C4 KL | battery % | MedMCQA % | PIQA % | picked |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [("Base", None, b, False) for b in base]
+    rows += [(p["label"], r["lr"], r, r["lr"] == p["lr"]) for p in picks.values() for r in p["records"]]
+    for label, lr, r, chosen in rows:
+        tr = r.get("transfer") or {}
+        lines.append(f"| {label} | {'—' if lr is None else format(lr, 'g')} | {pct(r['acc'])} | "
+                     f"{num(r.get('general_ppl'), '.2f')} | {num(r.get('general_kl'), '.3f')} | "
+                     f"{pct((r.get('battery') or {}).get('acc'))} | {pct((tr.get('medmcqa') or {}).get('acc'))} | "
+                     f"{pct((tr.get('piqa') or {}).get('acc'))} | {'**yes**' if chosen else ''} |")
+    lines += ["", "options (one s.e. of accuracy: " + ", ".join(f"{r} {100 * p['se']:.1f}" for r, p in picks.items())
+              + "):"]
+    lines += [f"  {row}: {{lr: {p['lr']:g}}}" for row, p in picks.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -48,15 +73,7 @@ def main(argv=None) -> int:
     if not picks:
         print("no row has two or more learning rates in these records", file=sys.stderr)
         return 1
-    print("| row | lr | val acc % | C4 KL | battery % | picked |\n|---|---:|---:|---:|---:|---|")
-    for row, p in picks.items():
-        for lr, acc, kl, bat in p["points"]:
-            kl_s = f"{kl:.3f}" if kl is not None else "—"
-            bat_s = f"{100 * bat:.1f}" if bat is not None else "—"
-            print(f"| {p['label']} | {lr:g} | {100 * acc:.1f} | {kl_s} | {bat_s} | {'**yes**' if lr == p['lr'] else ''} |")
-    print("\noptions (one s.e. of accuracy: " + ", ".join(f"{r} {100 * p['se']:.1f}" for r, p in picks.items()) + "):")
-    for row, p in picks.items():
-        print(f"  {row}: {{lr: {p['lr']:g}}}")
+    print(markdown(picks, [r for r in json.load(open(args.results)) if r["method"] == "base"]))
     return 0
 
 
