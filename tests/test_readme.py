@@ -72,3 +72,32 @@ def test_results_readme_bench_table_is_the_committed_json_rendered():
     section = text[text.index("## `hlora bench`"):]
     section = section[:section.index("\n## ", 5)]
     assert markdown_table(json.loads(bench.read_text())) in section
+
+
+LR = README.parent / "results" / "lr-smollm2"
+
+
+def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tmp_path, skip_figure_drawing):
+    """The lr sweep's section: results.json holds every committed record, the pick table is pick_lr's output on it,
+    and the answer-letters table is a block of the report regenerated from it."""
+    import importlib.util
+    import json
+
+    from hlora.report import write_report
+
+    results = json.loads((LR / "results.json").read_text())
+    assert sorted(r["cell"] for r in results) == sorted(p.stem for p in (LR / "records").glob("*.json")), (
+        "run `hlora run configs/lr-smollm2.yaml --collect`")
+    spec = importlib.util.spec_from_file_location("pick_lr", README.parent / "benchmarks" / "pick_lr.py")
+    pick_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick_lr)
+    text = RESULTS_README.read_text(encoding="utf-8")
+    section = text[text.index("## Each row at its own learning rate"):]
+    section = section[:section.index("\n## ", 5)]
+    assert pick_lr.markdown(pick_lr.pick(results), [r for r in results if r["method"] == "base"]) in section
+    write_report(LR / "results.json", tmp_path)
+    tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
+    blocks = _table_blocks(section)
+    assert len(blocks) >= 2
+    for block in blocks[1:]:
+        assert block in tables, f"results/README.md table not in the regenerated tables.md:\n{block[:300]}"
