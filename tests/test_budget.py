@@ -334,7 +334,8 @@ def _cli(tmp_path, data, *extra):
 
 
 def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
-    rc = _cli(tmp_path, data, "tune.start={kl_general: 0.3}", "--method", "auto", "--allow", "kl_general",
+    rc = _cli(tmp_path, data, "tune.start={kl_general: 0.3}", "tune.lr={kl_general: 0.02}", "--method", "auto",
+              "--allow", "kl_general",
               "--budget", f"text:{data}/general.jsonl_kl=0.5")
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -343,6 +344,10 @@ def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
     kl = rec["candidates"][1]
     assert kl["steered"] and kl["dual"]["coefficient"] == "beta" and len(kl["dual"]["trace"]) == 3
     assert kl["dual"]["trace"][0]["value"] == 0.3  # tune.start
+    import yaml
+
+    lrs = [yaml.safe_load(open(os.path.join(c["run"], "config.yaml")))["train"]["lr"] for c in rec["candidates"]]
+    assert lrs[1] == 0.02 and lrs[0] != 0.02  # tune.lr: the candidate's own learning rate, the others train.lr
     w = rec["winner"]
     assert w["label"] in ("none", "kl_general") and 0 < w["alpha"] <= 1
     assert w["validation"]["forgetting"] <= 0.5 and "forgetting" in w["test"] and "domain_acc" in w["test"]
@@ -381,6 +386,9 @@ def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):
     assert "tune.method" in capsys.readouterr().err
     assert _cli(tmp_path, data, "--method", "none", "--budget", f"mcq:{data}/domain.jsonl_kl=0.5") == 2
     assert "budget.task" in capsys.readouterr().err
+    assert _cli(tmp_path, data, "tune.lr={wise: 0.1}", "--method", "none", "--budget",
+                f"text:{data}/general.jsonl_kl=0.5") == 2
+    assert "tune.lr: 'wise' is not a candidate" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()  # nothing written before the input is checked
 
 

@@ -59,6 +59,8 @@ class TuneOptions:
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
     runs_dir: str = ""  # "" = OUT/runs; else a folder shared by several tunes, each run named by what determines it,
     # so that tunes with other budgets reuse what does not depend on the budget (plain LoRA, HLoRA's stage ν)
+    lr: dict = field(default_factory=dict)  # a candidate's own stage-μ learning rate ({none: 1e-3, kl_general: 3e-3};
+    # "none" is plain LoRA), else train.lr: each method at the lr an lr sweep picked for it
     start: dict = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
     # else dual.start, else the method's config value
 
@@ -82,6 +84,9 @@ def _check(cfg: TuneConfig) -> None:
     cfg.dual.check()
     if cfg.tune.method not in _choices():
         raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(_choices())}")
+    unknown = [m for m in cfg.tune.lr if m not in ("none", *_steerable())]
+    if unknown:
+        raise ConfigError(f"tune.lr: {unknown[0]!r} is not a candidate; candidates: none, {', '.join(_steerable())}")
     bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in _steerable()]
     if bad:
         raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(_steerable())}")
@@ -189,6 +194,8 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     for label, name, steered in _candidates(cfg):
         rec: dict = {"label": label, "method": name, "steered": steered}
         changes = {"method": _method_cfg(cfg, name), "out": str(out / "runs" / label)}
+        if label in cfg.tune.lr:
+            changes["train"] = dataclasses.replace(cfg.train, lr=float(cfg.tune.lr[label]))
         needs = needs_general_run(name)  # a method whose domain stage continues its own general stage (HLoRA)
         if needs:
             if not (cfg.init_adapter and cfg.importance_file):
