@@ -86,21 +86,20 @@ def budget_marks(records: Iterable[dict], tuned: Iterable[dict], task: str) -> l
 
 def tuned_markdown(tuned: Iterable[dict]) -> str:
     """One line per tune result: budget, the model returned, its validation and test forgetting and accuracy, cost."""
+    def forgetting(p: dict) -> str:
+        return f"{p['forgetting']:.4g} ± {p.get('se', float('nan')):.2g}" if "forgetting" in p else "–"
+
     rows = ["| task | budget | returned | α | forgetting, validation | forgetting, test | domain acc, test | "
             "training steps (× one run) | evaluations | file |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for t in tuned:
         b, w, c = t["budget"], t.get("winner") or {}, t.get("cost") or {}
-        v, s = w.get("validation") or {}, w.get("test") or {}
-
-        def f(p, k="forgetting"):
-            return f"{p[k]:.4g} ± {p.get('se', float('nan')):.2g}" if k in p else "–"
-
-        rows.append(f"| {(t.get('config') or {}).get('data', '?')} | {b.get('measure', b['kind'])} ≤ {b['limit']:g} | "
-                    f"{w.get('label', 'none within budget')} | {w.get('alpha', float('nan')):.3g} | {f(v)} | {f(s)} | "
-                    f"{100 * s['domain_acc']:.1f} % | {c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')}) | "
-                    f"{c.get('evaluations', '?')} | {Path(t.get('path', '')).parent.name}/tune.json |"
-                    if s.get("domain_acc") is not None else
-                    f"| {(t.get('config') or {}).get('data', '?')} | {b.get('measure', b['kind'])} ≤ {b['limit']:g} | "
-                    f"none within budget | | | | | {c.get('training_steps', '?')} | {c.get('evaluations', '?')} | "
-                    f"{Path(t.get('path', '')).parent.name}/tune.json |")
+        test = w.get("test") or {}
+        acc = test.get("domain_acc")
+        cells = [(t.get("config") or {}).get("data", "?"), f"{b.get('measure', b['kind'])} ≤ {b['limit']:g}",
+                 w.get("label", "none within budget"), f"{w['alpha']:.3g}" if "alpha" in w else "",
+                 forgetting(w.get("validation") or {}) if w else "", forgetting(test) if w else "",
+                 f"{100 * acc:.1f} %" if acc is not None else "",
+                 f"{c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')})", str(c.get("evaluations", "?")),
+                 f"{Path(t.get('path', '')).parent.name}/tune.json"]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
