@@ -28,33 +28,16 @@ from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config, method_config, to_dict
 from ..files import atomic_dir, write_json
-from ..methods import needs_general_run
+from ..methods import needs_general_run, steerable
 from .alpha import AlphaSearchConfig, search_alpha
 from .dual import DualConfig, DualController, make_proxy
 from .measure import Budget, BudgetError, Measurer, SliceConfig, domain_slices, mcq_slices, text_slices
 
 
-
-def _steerable() -> list[str]:
-    from ..methods import steerable  # the methods say which coefficient a budget may steer (Method.coefficient)
-
-    return steerable()
-
-
-def _choices() -> list[str]:
-    return ["none", *_steerable(), "auto"]
-
-
-def _default_allow() -> list[str]:
-    from ..methods import steerable
-
-    return steerable(default_only=True)
-
-
 @dataclass
 class TuneOptions:
     method: str = "auto"  # none | a method with a steerable coefficient (hlora, kl_general, ewc, replay, ...) | auto
-    allow: list[str] = field(default_factory=_default_allow)  # the regularisers `auto` tries
+    allow: list[str] = field(default_factory=lambda: steerable(default_only=True))  # the regularisers `auto` tries
     dual: bool = True  # steer the method's coefficient during training (false: train at its config value)
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
     runs_dir: str = ""  # "" = OUT/runs; else a folder shared by several tunes, each run named by what determines it,
@@ -82,14 +65,15 @@ def _check(cfg: TuneConfig) -> None:
     cfg.budget.check()
     cfg.search.check()
     cfg.dual.check()
-    if cfg.tune.method not in _choices():
-        raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(_choices())}")
-    unknown = [m for m in cfg.tune.lr if m not in ("none", *_steerable())]
+    steer = steerable()  # the methods say which coefficient a budget may steer (Method.coefficient)
+    if cfg.tune.method not in ("none", *steer, "auto"):
+        raise ConfigError(f"tune.method: {cfg.tune.method!r} is not one of {', '.join(('none', *steer, 'auto'))}")
+    unknown = [m for m in cfg.tune.lr if m not in ("none", *steer)]
     if unknown:
-        raise ConfigError(f"tune.lr: {unknown[0]!r} is not a candidate; candidates: none, {', '.join(_steerable())}")
-    bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in _steerable()]
+        raise ConfigError(f"tune.lr: {unknown[0]!r} is not a candidate; candidates: none, {', '.join(steer)}")
+    bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in steer]
     if bad:
-        raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(_steerable())}")
+        raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(steer)}")
 
 
 def _candidates(cfg: TuneConfig) -> list[tuple[str, str, bool]]:
