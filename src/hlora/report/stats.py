@@ -606,7 +606,8 @@ def letter_analysis(records: Iterable[dict], letter_tasks: dict[str, str] | None
 
     `points`: every sweep point is a row of its own (`each_point_as_row`), not only the main cells.
 
-    Returns [{"task", "tuned", "letters", "points", "base": {"acc", "se"} | None, "rows": [{"method", "label", "n",
+    Returns [{"task", "tuned", "letters", "points", "base": {"acc", "se", "debiased_acc"} | None, "rows": [{"method",
+    "label", "n",
     "seeds", "pred", "gold" (shares per letter), "acc", "chi2", "p", "debiased_acc", "lost", "recovers",
     "prior"}]}]; lost/recovers/prior are None for Base and without Base.
     """
