@@ -162,8 +162,64 @@ def test_fronts_draw_budgets_and_the_report_lists_them(write_results, tmp_path, 
     monkeypatch.undo()
     write_report(path, tmp_path / "r", tuned=[tune])
     md = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
-    assert "### Forgetting budgets" in md and "| sciq | c4_kl ≤ 0.05 | kl_general | 0.75 |" in md
+    assert "### Forgetting budgets" in md and "| sciq |  | c4_kl ≤ 0.05 | kl_general | 0.75 |" in md
+    assert "0 of 1 returned models land within ±10 %" in md  # test 0.04 against 0.05: under
     with pytest.raises(ValueError, match="not a tune.json"):
         (tmp_path / "bad.json").write_text("{}")
         write_report(path, tmp_path / "r2", tuned=[tmp_path / "bad.json"])
     assert not (tmp_path / "r2").exists()  # checked before anything is written
+
+
+def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
+    """The acceptance of a tune result, by hand: its test forgetting against the budget (±10 %, under, over within
+    the validation s.e., over by more) and the grid's most accurate cell whose forgetting meets the same budget, in
+    the budget's units (KL as it is, perplexity rise against Base of the same seed, battery drop in points)."""
+    import json
+
+    from report_records import cell
+
+    from hlora.report.budget import best_fixed_point, fixed_forgetting, load_tuned, tuned_markdown, verdict
+
+    def t(f, limit=0.05, se=0.008):
+        return {"budget": {"kind": "kl", "task": "c4", "limit": limit},
+                "winner": {"validation": {"se": se}, "test": {"forgetting": f}}}
+
+    assert [verdict(t(f)) for f in (0.05, 0.0549, 0.04, 0.0551, 0.058, 0.0581)] == [
+        "within ±10 %", "within ±10 %", "under", "over, within s.e.", "over, within s.e.", "OVER"]
+    assert verdict({"budget": {"limit": 1.0}, "winner": None}) == "none returned"
+
+    def rec(method, seed, acc, kl, ppl, bat, sweep=None):
+        r = cell(method, "sciq", seed, acc, ppl, kl=kl, sweep=sweep, main=sweep is None)
+        r.update(texts={"c4": {"ppl": ppl, "kl": kl}}, battery_acc=bat)
+        return r
+
+    base0, base1 = rec("base", 0, 0.70, 0.0, 30.0, 0.50), rec("base", 1, 0.71, 0.0, 30.0, 0.50)
+    grid = [base0, base1, rec("lora_mu", 0, 0.90, 0.20, 31.5, 0.47), rec("hlora", 0, 0.88, 0.04, 30.3, 0.495),
+            rec("hlora", 0, 0.85, 0.01, 30.1, 0.499, sweep=("phi", 100.0)), rec("lora_mu", 1, 0.95, 0.01, 30.0, 0.5)]
+    kl = {"kind": "kl", "task": "c4", "limit": 0.05}
+    rise = {"kind": "ppl_rise_pct", "task": "c4", "limit": 2.0}
+    drop = {"kind": "drop_pts", "task": "battery", "limit": 1.0}
+    assert abs(fixed_forgetting(grid[2], rise, base0) - 5.0) < 1e-9
+    assert abs(fixed_forgetting(grid[2], drop, base0) - 3.0) < 1e-9
+    assert fixed_forgetting(grid[2], {"kind": "kl", "task": "wikitext", "limit": 1}, base0) is None  # not measured
+
+    def best(budget, seed=0, task="sciq"):
+        b = best_fixed_point(grid, {"budget": budget, "config": {"data": task, "train": {"seed": seed}}})
+        return b and (b["record"]["method"], b["record"]["acc"])
+
+    assert best(kl) == ("hlora", 0.88)  # lora_mu at seed 1 is more accurate, but another seed
+    assert best(rise) == ("hlora", 0.88)  # +1 % against Base of seed 0
+    assert best({**drop, "limit": 0.2}) == ("hlora", 0.85)  # the φ = 100 point
+    assert best({**kl, "limit": -1.0}) is None
+    assert best(kl, seed=1) == ("lora_mu", 0.95)
+
+    path = tmp_path / "a" / "tune.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"budget": {"measure": "c4_kl", **kl}, "config": {"data": "sciq", "train": {"seed": 0}},
+                                "winner": {"label": "hlora", "alpha": 1.0, "validation": {"forgetting": 0.05, "se": 0.004},
+                                           "test": {"forgetting": 0.052, "se": 0.005, "domain_acc": 0.89}},
+                                "cost": {"training_steps": 200, "runs_equivalent": 2.0, "evaluations": 9}}))
+    md = tuned_markdown(load_tuned([path]), grid)
+    assert "| sciq | 0 | c4_kl ≤ 0.05 | hlora | 1 | 0.05 ± 0.004 | 0.052 ± 0.005 | within ±10 % | 89.0 % | " \
+           "hlora: 88.0 % (0.04) | 200 (2.0) | 9 | a/tune.json |" in md
+    assert "1 of 1 returned models land within ±10 % of their budget on the test slice; 0 are above it" in md

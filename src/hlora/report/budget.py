@@ -18,7 +18,7 @@ import numpy as np
 
 from .load import BASE, main_cells
 
-__all__ = ["load_tuned", "budget_marks", "tuned_markdown"]
+__all__ = ["load_tuned", "budget_marks", "tuned_markdown", "verdict", "fixed_forgetting", "best_fixed_point"]
 
 
 def load_tuned(paths: Iterable[str | Path]) -> list[dict]:
@@ -84,22 +84,98 @@ def budget_marks(records: Iterable[dict], tuned: Iterable[dict], task: str) -> l
     return marks
 
 
-def tuned_markdown(tuned: Iterable[dict]) -> str:
-    """One line per tune result: budget, the model returned, its validation and test forgetting and accuracy, cost."""
+def verdict(t: dict) -> str:
+    """The returned model's *test* forgetting against its budget: "within ±10 %" of the limit, "under" it,
+    "over, within s.e." (above by no more than the validation slice's standard error: what the search could not
+    see) or "OVER" (above by more: a miss); "none returned" when the search gave no model."""
+    w = t.get("winner") or {}
+    test = w.get("test") or {}
+    if "forgetting" not in test:
+        return "none returned"
+    f, limit = float(test["forgetting"]), float(t["budget"]["limit"])
+    se = float((w.get("validation") or {}).get("se") or 0.0)
+    if abs(f - limit) <= 0.1 * abs(limit):
+        return "within ±10 %"
+    if f < limit:
+        return "under"
+    return "over, within s.e." if f - limit <= se else "OVER"
+
+
+def fixed_forgetting(rec: dict, budget: dict, base: dict | None) -> float | None:
+    """A grid cell's forgetting in a budget's own units (`base`: Base's cell of the same task and seed), or None
+    when the record does not measure it: KL and perplexity rise on the budget's text (the record's `texts`), the
+    battery drop in points."""
+    kind, task = budget["kind"], budget["task"]
+    if kind == "drop_pts" and task == "battery":
+        if base is None or rec.get("battery_acc") is None or base.get("battery_acc") is None:
+            return None
+        return 100 * (base["battery_acc"] - rec["battery_acc"])
+    text = (rec.get("texts") or {}).get(task) or {}
+    if kind == "kl":
+        return text.get("kl")
+    if kind == "ppl_rise_pct":
+        ref = ((base or {}).get("texts") or {}).get(task) or {}
+        if "ppl" not in text or not ref.get("ppl"):
+            return None
+        return 100 * (text["ppl"] / ref["ppl"] - 1)
+    return None
+
+
+def best_fixed_point(records: Iterable[dict], t: dict) -> dict | None:
+    """The most domain-accurate cell of a grid (any row, any fixed coefficient, Base included) whose forgetting
+    meets the tune result's budget, on the tune's task and, when the grid has it, its seed: what a user who ran
+    the grid and read off the budget would have picked. {record, forgetting} or None."""
+    cfg = t.get("config") or {}
+    task, seed = cfg.get("data"), (cfg.get("train") or {}).get("seed")
+    records = [r for r in records if r["task"] == task]
+    if seed is not None and any(r["seed"] == seed for r in records):
+        records = [r for r in records if r["seed"] == seed]
+    bases = {r["seed"]: r for r in main_cells(records) if r["method"] == BASE}
+    limit = float(t["budget"]["limit"])
+    ok = []
+    for r in records:
+        f = fixed_forgetting(r, t["budget"], bases.get(r["seed"]))
+        if f is not None and f <= limit:
+            ok.append((r["acc"], -f, r, f))
+    if not ok:
+        return None
+    _, _, r, f = max(ok, key=lambda x: (x[0], x[1]))
+    return {"record": r, "forgetting": f}
+
+
+def _point_label(r: dict) -> str:
+    sw = r.get("sweep") or {}
+    return r["label"] + (f" ({sw['param']} = {sw['value']:g})" if sw.get("param") and not r.get("main") else "")
+
+
+def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
+    """One line per tune result: budget, the model returned, its validation and test forgetting against the budget,
+    its test accuracy, the best fixed point of the grid `records` within the same budget, cost; then how many
+    returned models land within ±10 % of their budget and how many are above it by more than the validation s.e."""
     def forgetting(p: dict) -> str:
         return f"{p['forgetting']:.4g} ± {p.get('se', float('nan')):.2g}" if "forgetting" in p else "–"
 
-    rows = ["| task | budget | returned | α | forgetting, validation | forgetting, test | domain acc, test | "
-            "training steps (× one run) | evaluations | file |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    tuned, records = list(tuned), list(records)
+    rows = ["| task | seed | budget | returned | α | forgetting, validation | forgetting, test | test vs budget | "
+            "domain acc, test | best fixed point within budget | training steps (× one run) | evaluations | file |",
+            "|---|---:|---|---|---:|---:|---:|---|---:|---|---:|---:|---|"]
     for t in tuned:
         b, w, c = t["budget"], t.get("winner") or {}, t.get("cost") or {}
         test = w.get("test") or {}
         acc = test.get("domain_acc")
-        cells = [(t.get("config") or {}).get("data", "?"), f"{b.get('measure', b['kind'])} ≤ {b['limit']:g}",
+        cfg = t.get("config") or {}
+        best = best_fixed_point(records, t) if records else None
+        best_txt = (f"{_point_label(best['record'])}: {100 * best['record']['acc']:.1f} % ({best['forgetting']:.3g})"
+                    if best else ("none" if records else ""))
+        cells = [cfg.get("data", "?"), str((cfg.get("train") or {}).get("seed", "")),
+                 f"{b.get('measure', b['kind'])} ≤ {b['limit']:g}",
                  w.get("label", "none within budget"), f"{w['alpha']:.3g}" if "alpha" in w else "",
-                 forgetting(w.get("validation") or {}) if w else "", forgetting(test) if w else "",
-                 f"{100 * acc:.1f} %" if acc is not None else "",
+                 forgetting(w.get("validation") or {}) if w else "", forgetting(test) if w else "", verdict(t),
+                 f"{100 * acc:.1f} %" if acc is not None else "", best_txt,
                  f"{c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')})", str(c.get("evaluations", "?")),
                  f"{Path(t.get('path', '')).parent.name}/tune.json"]
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
+    verdicts = [verdict(t) for t in tuned]
+    return ("\n".join(rows) + f"\n\n{verdicts.count('within ±10 %')} of {len(tuned)} returned models land within "
+            f"±10 % of their budget on the test slice; {verdicts.count('OVER')} are above it by more than the "
+            "validation slice's standard error.\n")

@@ -314,7 +314,7 @@ def write_report(results_path: str | Path, out_dir: str | Path, reference: str |
     out = _Out(Path(out_dir))
     _record_notes(records, out)
     md = _table_sections(records, reference, out)
-    md["budgets"] = ("### Forgetting budgets (`hlora tune`)\n\n" + tuned_markdown(tunes)) if tunes else ""
+    md["budgets"] = ("### Forgetting budgets (`hlora tune`)\n\n" + tuned_markdown(tunes, records)) if tunes else ""
     fronts = _figures(records, reference, out, tunes)
     out.notes += [f"{name} skipped: {reason}." for name, reason in out.skipped.items()]
     order = ("h2h", "matched", "budgets", "fronts", "across", "main", "ablation", "retention", "letters", "compute",
