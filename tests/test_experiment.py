@@ -163,6 +163,13 @@ def test_interrupted_cell_continues(tmp_path, monkeypatch):
     monkeypatch.setattr(tr, "run_stage", real)
     rec = run_cell(cfg, cell, tmp_path / "records")
     assert (run_dir / "DONE").exists() and rec["curve"]["step"] == [1, 2, 3, 4]
+    # the record lost, the run and its evaluation are reused: its cost is what the result needed, not this process's
+    (tmp_path / "records" / "lora_mu-sciq-s0.json").unlink()
+    again = run_cell(cfg, cell, tmp_path / "records")
+    c = again["cost"]
+    assert c["wall_seconds"] == pytest.approx(c["train_seconds"] + c["eval_seconds"])
+    assert c["wall_seconds"] > c["process_seconds"]
+    assert c["train_seconds"] == rec["cost"]["train_seconds"] > 0 and "process_seconds" not in rec["cost"]
 
 
 def test_ttest_agrees_with_scipy():
