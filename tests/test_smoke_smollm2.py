@@ -6,7 +6,6 @@ The only test that loads the real model: it checks that the embedded default wor
 import math
 
 import pytest
-import torch
 
 pytestmark = [pytest.mark.smoke, pytest.mark.slow]
 
