@@ -250,3 +250,29 @@ def test_a_cell_on_a_task_split_finds_its_results(tmp_path, monkeypatch):
     assert rec["task"] == "sciq:validation" and rec["acc"] == 0.5 and rec["general_ppl"] == 30.0
     assert list(rec["transfer"]) == ["medmcqa"] and rec["transfer"]["medmcqa"]["acc"] == 0.25
     assert (tmp_path / "records" / f"{cell.name}.json").exists()
+
+
+def test_first_rows_run_first_and_results_keep_the_plan_order(tmp_path, monkeypatch):
+    """`first`: within each task, the named rows' cells (every seed) run before the others; results.json keeps the
+    plan's order; a row the grid does not hold is an error that names it."""
+    import hlora.experiment.grid as grid
+    from hlora.experiment.plan import run_order
+
+    cfg = load_config(ExperimentConfig, CONFIG, [f"out={tmp_path}", "first=[hlora, base]"])
+    cells = plan(cfg)
+    order = run_order(cfg, cells)
+    assert sorted(c.name for c in order) == sorted(c.name for c in cells)
+    sciq = [c for c in order if c.task == "sciq"]
+    k = sum(c.row.id in ("hlora", "base") for c in sciq)
+    assert k == 2 * (1 + 3) and all(c.row.id in ("hlora", "base") for c in sciq[:k])  # 2 seeds × (Base, HLoRA φ ×3)
+    assert [c.seed for c in sciq[:k]] == sorted(c.seed for c in sciq[:k])  # seed by seed, as in the plan
+    assert [c.task for c in order] == [c.task for c in cells]  # task-major still
+    ran = []
+    monkeypatch.setattr(grid, "run_cell", lambda cfg, cell, records: ran.append(cell.name) or {
+        "cell": cell.name, "acc": 0.5, "general_ppl": 10.0})
+    grid.run_experiment(cfg, progress=lambda *a: None, report=False)
+    assert ran == [c.name for c in order]
+    assert [r["cell"] for r in json.loads((tmp_path / "records").parent.joinpath("results.json").read_text())] == [
+        c.name for c in cells]
+    with pytest.raises(ConfigError, match="first: 'hlroa'"):
+        run_order(load_config(ExperimentConfig, CONFIG, ["first=[hlroa]"]), cells)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..files import write_json
-from .plan import ExperimentConfig, plan
+from .plan import ExperimentConfig, plan, run_order
 from .records import run_cell
 
 
@@ -53,9 +53,13 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, c
     records = records_dir(cfg)
     records.mkdir(parents=True, exist_ok=True)
     home = records.parent
-    results = []
+    done_recs: dict[str, dict] = {}
+
+    def results() -> list[dict]:  # in the plan's order, whatever order the cells ran in
+        return [done_recs[c.name] for c in cells if c.name in done_recs]
+
     with _DataRoot(cfg.data_root):
-        for i, cell in enumerate(cells, 1):
+        for i, cell in enumerate(run_order(cfg, cells), 1):
             tag = f"[{i}/{len(cells)}] {cell.name}"
             done = (records / f"{cell.name}.json").exists()
             if collect_only and not done:
@@ -68,12 +72,12 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, c
             if not done:
                 progress(f"{tag}: acc {rec['acc']:.3f}, general ppl {rec['general_ppl']:.2f} "
                          f"({time.perf_counter() - t0:.0f} s)")
-            results.append(rec)
+            done_recs[cell.name] = rec
             if not collect_only:
-                write_json(home / "results.json", results)
+                write_json(home / "results.json", results())
     if collect_only:
-        progress(f"{len(results)} of {len(cells)} cells have a record")
-        write_json(home / "results.json", results)
+        progress(f"{len(done_recs)} of {len(cells)} cells have a record")
+        write_json(home / "results.json", results())
     if report:
         write_report(home / "results.json", home / "report")
     return home

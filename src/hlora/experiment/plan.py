@@ -65,6 +65,8 @@ class ExperimentConfig:
     full_fisher_examples: int = 2  # samples timed for the full-model Fisher cost estimate
     out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
     records: str = ""  # one JSON per finished cell (commit these); "" = OUT/records
+    first: list[str] = field(default_factory=list)  # rows run before the others in each task, over all its seeds
+    # (the rows a headline needs land first in a grid that takes several sessions); order only, never a result
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,19 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
             for rid in pt.get("methods", cfg.methods):
                 cells.extend(_row_cells(cfg, ROWS[rid], task, seed, pt.get("sweeps", cfg.sweeps).get(rid, {})))
     return cells
+
+
+def run_order(cfg: ExperimentConfig, cells: list[Cell]) -> list[Cell]:
+    """The order the runner trains cells in: the plan's, except that within each task the cells of the rows in
+    `first` (every seed) come before the rest. results.json keeps the plan's order."""
+    unknown = [m for m in cfg.first if m not in cfg.methods]
+    if unknown:
+        raise ConfigError(f"first: {unknown[0]!r} is not one of the grid's methods"
+                          f"{did_you_mean(unknown[0], cfg.methods)}")
+    rank = {m: i for i, m in enumerate(cfg.first)}
+    tasks = list(dict.fromkeys(c.task for c in cells))
+    return [c for t in tasks for early in (True, False) for c in cells
+            if c.task == t and (c.row.id in rank) == early]
 
 
 def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
