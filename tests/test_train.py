@@ -84,8 +84,13 @@ def test_resume_gives_uninterrupted_result(tmp_path, embedded_data):
     assert not (tmp_path / "cut" / "DONE").exists() and (tmp_path / "cut" / "checkpoints").exists()
     with pytest.raises(TrainingError, match="--resume"):
         run_stage(cfg, "general")
+    clock = tmp_path / "cut" / "checkpoints" / "checkpoint-4" / "clock.json"
+    assert json.loads(clock.read_text())["train_seconds"] > 0
+    clock.write_text(json.dumps({"train_seconds": 1000.0}))  # as if the 4 steps before the cut took 1000 s
     resumed = run_stage(cfg, "general", resume=True)
     assert_same_run(full, resumed, tol=1e-5)
+    # the summary's train time is the whole stage's: the steps before the cut, then the resumed ones
+    assert 1000.0 < json.loads((resumed / "summary.json").read_text())["train_seconds"] < 1000.0 + 60
     steps = [json.loads(l)["step"] for l in (resumed / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 

@@ -141,6 +141,28 @@ class Snapshots(TrainerCallback):
                 model.save_pretrained(str(tmp))
 
 
+class TrainClock(TrainerCallback):
+    """Training seconds over interruptions: each checkpoint keeps the time trained up to it (clock.json), and a
+    resumed run starts from the time of the checkpoint it resumes, so summary.json's train_seconds is the whole
+    stage's (the time lost after the last checkpoint is not counted: its steps are re-run and timed then)."""
+
+    FILE = "clock.json"
+
+    def __init__(self, resume_from: str | None):
+        self.before = 0.0
+        if resume_from and (Path(resume_from) / self.FILE).is_file():
+            self.before = float(json.loads((Path(resume_from) / self.FILE).read_text())["train_seconds"])
+        self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.t0
+
+    def on_save(self, args, state, control, **kw):
+        ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and ck.is_dir():
+            write_text(ck / self.FILE, json.dumps({"train_seconds": self.seconds()}))
+
+
 def _training_args(cfg: RunConfig, out: Path, dataset) -> TrainingArguments:
     t = cfg.train
     ordered = bool(getattr(dataset, "ordered", False))  # a method fixed the order (e.g. replay's mix per step)
@@ -304,16 +326,18 @@ def _run(cfg: RunConfig, stage: str, out: Path, resume: bool, extra_callbacks: l
 
     stats = StepStats()
     model.train()
+    resume_from = _latest_checkpoint(out) if resume else None
+    clock = TrainClock(resume_from)
     trainer = PenaltyTrainer(
         model=model, args=_training_args(cfg, out, ds), train_dataset=ds,
         callbacks=[JsonlLogger(out / "log.jsonl", stats), Snapshots(out, cfg.train.snapshot_steps),
-                   *method.callbacks(), *extra_callbacks],
+                   *method.callbacks(), *extra_callbacks, clock],
         loss_fn=method.loss, stats=stats,
     )
     trainer.remove_callback(PrinterCallback)  # log.jsonl has the per-step numbers; no dicts on stdout
-    t1 = time.perf_counter()
-    trainer.train(resume_from_checkpoint=_latest_checkpoint(out) if resume else None)
-    train_seconds = time.perf_counter() - t1
+    clock.t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = clock.seconds()
 
     if not trainer.is_world_process_zero():
         return out
