@@ -276,3 +276,17 @@ def test_first_rows_run_first_and_results_keep_the_plan_order(tmp_path, monkeypa
         c.name for c in cells]
     with pytest.raises(ConfigError, match="first: 'hlroa'"):
         run_order(load_config(ExperimentConfig, CONFIG, ["first=[hlroa]"]), cells)
+
+
+def test_a_wise_cell_hash_follows_its_sources_lr_and_setting():
+    """A WiSE-FT cell evaluates its source row's adapter: once the source trains at its own lr, changing that lr
+    or the source's setting makes the cell's committed record stale (its settings hash changes)."""
+    from hlora.experiment import settings_hash
+
+    over = ["methods=[lora_mu, wise_lora_mu]", "sweeps={}", "per_task={}", "tasks=[sciq]", "seeds=[0]"]
+    cfg = load_config(ExperimentConfig, CONFIG, over)
+    wise = next(c for c in plan(cfg) if c.row.id == "wise_lora_mu")
+    own = load_config(ExperimentConfig, CONFIG, over + ["options={lora_mu: {lr: 0.01}}"])
+    other = load_config(ExperimentConfig, CONFIG, over + ["options={lora_mu: {lr: 0.02}}"])
+    hashes = {settings_hash(c, next(x for x in plan(c) if x.row.id == "wise_lora_mu")) for c in (cfg, own, other)}
+    assert len(hashes) == 3 and settings_hash(cfg, wise) in hashes

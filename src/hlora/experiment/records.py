@@ -13,7 +13,7 @@ from ..config import ConfigError, EvalConfig, TrainConfig
 from ..files import write_json
 from ..methods import method_class
 from ..record import RECORD_VERSION, default_family, normalize_record
-from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_method
+from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_lr, _row_method
 from .run import _NOT_RESULTS, _canonical, _evaluate, _full_fisher, _trained, _transfer_tasks
 
 
@@ -31,6 +31,10 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
     # Fields added later enter the key only when set, so that the records of older grids keep their hash.
     if cell.lr is not None:
         key["domain"] = _canonical(dataclasses.replace(_domain_train(cfg, cell), **quiet))
+    src = ROWS.get(cell.row.start)
+    if src is not None and _row_lr(cfg, src) != cfg.domain.lr:  # a WiSE cell of a source with its own lr: the
+        # source's settings determine it (older grids, all at domain.lr, keep their hash)
+        key["source"] = {"lr": _row_lr(cfg, src), "method": _canonical(_row_method(cfg, src))}
     if cfg.texts:
         key["texts"] = list(cfg.texts)
     if cfg.battery:
