@@ -99,3 +99,25 @@ def test_demo_config_plans_on_the_embedded_data(monkeypatch):
     monkeypatch.setenv("HLORA_DATA", str(EMBEDDED_DATA))
     assert len(get_task("c4").eval_texts()) == 16
     assert get_task("wikitext").eval_texts() and get_task("sciq").eval_items(cfg.eval.limit)
+
+
+def test_heldout_grid_runs_each_row_at_the_lr_the_sweep_picked():
+    """configs/fronts-smollm2-heldout.yaml trains each swept row at the lr benchmarks/pick_lr.py picks from the
+    committed lr sweep, and HLoRA's variants and ablations at HLoRA's."""
+    import importlib.util
+
+    from hlora.experiment import ROWS
+    from hlora.experiment.plan import _row_lr
+
+    spec = importlib.util.spec_from_file_location("pick_lr", ROOT / "benchmarks" / "pick_lr.py")
+    pick_lr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pick_lr)
+    picks = pick_lr.pick(json.loads((ROOT / "results" / "lr-smollm2" / "results.json").read_text()))
+    cfg = load_config(ExperimentConfig, ROOT / "configs" / "fronts-smollm2-heldout.yaml")
+    assert set(picks) == {"lora_mu", "hlora", "ewc_lora", "replay", "kl_general", "corda_kpm"}
+    for row, p in picks.items():
+        assert _row_lr(cfg, ROWS[row]) == p["lr"], row
+    for row in ("hlora_no_layer", "hlora_no_layer_element", "hlora_norm", "hlora_auto"):
+        assert _row_lr(cfg, ROWS[row]) == picks["hlora"]["lr"], row
+    for row in ("lora_nu_mu", "rslora"):
+        assert _row_lr(cfg, ROWS[row]) == picks["lora_mu"]["lr"], row
