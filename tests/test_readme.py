@@ -101,3 +101,26 @@ def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tm
     assert len(blocks) >= 2
     for block in blocks[1:]:
         assert block in tables, f"results/README.md table not in the regenerated tables.md:\n{block[:300]}"
+
+
+HELDOUT = README.parent / "results" / "fronts-smollm2-heldout"
+
+
+def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, skip_figure_drawing):
+    """The held-out grid commits its records as they land: results.json holds exactly those, in the plan's order,
+    and `hlora report` on it rewrites the committed tables.md byte for byte."""
+    import json
+
+    from hlora.config import load_config
+    from hlora.experiment import ExperimentConfig, plan
+    from hlora.report import write_report
+
+    results = json.loads((HELDOUT / "results.json").read_text())
+    names = [r["cell"] for r in results]
+    assert sorted(names) == sorted(p.stem for p in (HELDOUT / "records").glob("*.json")), (
+        "run `hlora run configs/fronts-smollm2-heldout.yaml --collect`")
+    order = [c.name for c in plan(load_config(ExperimentConfig, README.parent / "configs" / "fronts-smollm2-heldout.yaml"))]
+    assert names == [n for n in order if n in set(names)]
+    write_report(HELDOUT / "results.json", tmp_path)
+    assert (tmp_path / "tables.md").read_text(encoding="utf-8") == (HELDOUT / "report" / "tables.md").read_text(
+        encoding="utf-8")
