@@ -170,6 +170,14 @@ def test_interrupted_cell_continues(tmp_path, monkeypatch):
     assert c["wall_seconds"] == pytest.approx(c["train_seconds"] + c["eval_seconds"])
     assert c["wall_seconds"] > c["process_seconds"]
     assert c["train_seconds"] == rec["cost"]["train_seconds"] > 0 and "process_seconds" not in rec["cost"]
+    # a WiSE-FT cell of that adapter counts its own evaluation, not the training of the adapter it scales
+    summary = run_dir / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "train_seconds": 1000.0}))
+    wcfg = load_config(ExperimentConfig, CONFIG, [f"out={tmp_path}", "seeds=[0]", "tasks=[sciq]", "per_task={}",
+                                                  "methods=[lora_mu, wise_lora_mu]", "sweeps={}"])
+    wise = next(x for x in plan(wcfg) if x.row.id == "wise_lora_mu")
+    w = run_cell(wcfg, wise, tmp_path / "records")["cost"]
+    assert w["train_seconds"] == 1000.0 and w["wall_seconds"] < 1000.0 and "process_seconds" not in w
 
 
 def test_ttest_agrees_with_scipy():

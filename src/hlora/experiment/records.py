@@ -67,9 +67,11 @@ def run_cell(cfg: ExperimentConfig, cell: Cell, records: Path) -> dict:
     t_res, g_res = _result(ev, cell.task), _result(ev, cfg.general_eval)
     cost = {**info.pop("cost"), "eval_seconds": sum(r.get("seconds", 0.0) for r in ev.values())}
     cost["wall_seconds"] = time.perf_counter() - t0
-    parts = cost.get("train_seconds", 0.0) + cost["eval_seconds"]
-    if cost["wall_seconds"] < parts:  # training or evaluation came from an earlier process (a resumed grid):
-        cost.update(wall_seconds=parts, process_seconds=cost["wall_seconds"])  # what the result needed counts
+    # Training or evaluation of this cell that came from an earlier process (a resumed grid) still counts; another
+    # row's adapter that a cell evaluates (WiSE-FT) is counted where it was trained.
+    parts = (0.0 if cell.row.start in ROWS else cost.get("train_seconds", 0.0)) + cost["eval_seconds"]
+    if cost["wall_seconds"] < parts:
+        cost.update(wall_seconds=parts, process_seconds=cost["wall_seconds"])
     rec = {
         "cell": cell.name, "method": cell.row.id, "label": cell.row.label, "regularizer": cell.method.name,
         # the row's place in the report, as its method declares it
