@@ -241,3 +241,16 @@ def test_new_records_name_the_text_and_add_the_battery(write_results, tmp_path):
     assert "Battery" not in old and "C4" not in old and "WikiText" not in old
     old_rep = (tmp_path / "old" / "report.md").read_text(encoding="utf-8")
     assert "General measures (general_ppl, general_kl): WikiText-2 PPL (stage ν's text), the text stage ν" in old_rep
+
+
+def test_a_grid_whose_reference_row_has_no_cell_yet(write_results, tmp_path):
+    """A grid in progress (records committed as cells land) may not hold its reference row yet: the report names
+    no missing row as 'None', skips the matched table and says why."""
+    from report_records import to_new_format
+
+    recs = [to_new_format(r) for r in make_results(rows=("base", "lora_mu", "ewc_lora"), sweep=False)]
+    res = write_report(write_results(recs), tmp_path / "r")
+    md = (tmp_path / "r" / "tables.md").read_text(encoding="utf-8")
+    assert "None" not in md and "matched domain accuracy" not in md
+    assert "the reference row" in md  # the significance line names what is missing
+    assert any("no main cell of the reference row (none in these records)" in n for n in res["notes"])

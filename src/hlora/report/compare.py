@@ -139,7 +139,7 @@ def _retention_cell(s: dict, row: dict, target: str) -> str:
 
 
 def _reference_label(s: dict) -> str:
-    return next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"])
+    return next((r["label"] for r in s["rows"] if r["method"] == s["reference"]), s["reference"] or "the reference")
 
 
 def retention_markdown(summaries: Sequence[dict]) -> str:

@@ -391,7 +391,7 @@ def significance_markdown(rows: list[dict], labels: dict[str, str] | None = None
     """Welch t-tests of `stats.seed_significance` as a Markdown table (`names`: `load.general_names`)."""
     labels = labels or {}
     ppl = (names or general_names([]))["ppl_short"]
-    me = labels.get(method, method)
+    me = labels.get(method, method) or "the reference row"
     if not rows:
         return f"No seed-level test: {me} and the others need ≥ 2 seeds per task.\n"
     lines = [f"Welch t-tests over seeds of the main cells, {me} minus the other method (Δ{ppl} < 0 and "

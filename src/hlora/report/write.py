@@ -94,6 +94,8 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     comp = T.complexity(records, reference)
     matched = [matched_summary(records, t, reference) for t in task_order(records)]
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
+    if not any(r["method"] == reference for r in records):  # a grid in progress: its reference has no cell yet
+        matched = []
     transfer = [s for t in task_order(main_cells(records))
                 if (s := transfer_summary(records, t, reference))["targets"]]
     compute = compute_summary(records)
@@ -151,7 +153,8 @@ def _table_notes(records, t2, comp, matched, transfer, reference, out: _Out) -> 
     if all(r["seconds"] is None and r["bytes"] is None for r in comp["rows"]):
         out.notes.append("Complexity table is empty: no record has importance or full-Fisher cost fields.")
     if not matched:
-        out.notes.append(f"Matched-accuracy table skipped: no task has a main cell of '{reference}' or of Base.")
+        out.notes.append(f"Matched-accuracy table skipped: no main cell of the reference row "
+                         f"{repr(reference) if reference else '(none in these records)'}.")
     for s in matched:
         if s["acc_ref"] is None:
             out.notes.append(f"{task_label(s['task'])}: no main cell of '{reference}', so no matched accuracy.")
