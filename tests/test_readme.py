@@ -122,5 +122,12 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     order = [c.name for c in plan(load_config(ExperimentConfig, README.parent / "configs" / "fronts-smollm2-heldout.yaml"))]
     assert names == [n for n in order if n in set(names)]
     write_report(HELDOUT / "results.json", tmp_path)
-    assert (tmp_path / "tables.md").read_text(encoding="utf-8") == (HELDOUT / "report" / "tables.md").read_text(
-        encoding="utf-8")
+    tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
+    assert tables == (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
+    # results/README.md's section on the grid: as many cells as results.json, and tables of this report
+    text = RESULTS_README.read_text(encoding="utf-8")
+    section = text[text.index("## The comparison on held-out measures"):]
+    section = section[:section.index("\n## ", 5)]
+    assert f"{len(results)} of {len(order)} cells" in section.splitlines()[0]
+    blocks = _table_blocks(section)
+    assert blocks and all(b in tables for b in blocks)
