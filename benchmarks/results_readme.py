@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Rewrite the generated sections of results/README.md from the committed results (run from the repo root).
+
+    python benchmarks/results_readme.py heldout    # the held-out grid in progress: cell count, SciQ front points
+
+A grid's section is generated, never typed: tests/test_readme.py checks that the README holds exactly what this
+prints for the committed results.json and report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = ROOT / "results" / "fronts-smollm2-heldout"
+TITLE = "## The comparison on held-out measures, in progress"
+ANCHOR = "## Forgetting curves of plain LoRA(μ) on held-out measures"
+
+
+def heldout_section(n_cells: int) -> str:
+    """The section for the held-out grid: its records so far and the SciQ front points of its report."""
+    results = json.loads((HELDOUT / "results.json").read_text())
+    tables = (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
+    i = tables.index("|", tables.index("### Front points: SciQ (seed means)"))
+    front = tables[i:tables.index("\n\n", i)]
+    return f"""{TITLE} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)
+
+`hlora run configs/fronts-smollm2-heldout.yaml` (resumable from its committed records): every row and front of the
+WikiText-2 grid, each row at the lr the sweep below picked, scored on SciQ test (150 items), C4 (8,192 tokens, with
+KL to Base), the battery (100 items a task) and WikiText-2 (stage ν's own text), PIQA and MedMCQA as transfer tasks.
+The headline's rows run first (seed 0, then 1 and 2). The cells so far, SciQ (the full report, tables and figures,
+is in `fronts-smollm2-heldout/report/`):
+
+{front}
+
+"""
+
+
+def replace_section(text: str, title: str, section: str, anchor: str) -> str:
+    """`text` with the section starting at `title` replaced by `section` (inserted before `anchor` if absent)."""
+    start = text.find(title)
+    if start < 0:
+        return text.replace(anchor, section + anchor, 1)
+    end = text.index("\n## ", start + 5) + 1
+    return text[:start] + section + text[end:]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("section", choices=["heldout"])
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    from hlora.config import load_config
+    from hlora.experiment import ExperimentConfig, plan
+    from hlora.files import write_text
+
+    n = len(plan(load_config(ExperimentConfig, ROOT / "configs" / "fronts-smollm2-heldout.yaml")))
+    path = ROOT / "results" / "README.md"
+    write_text(path, replace_section(path.read_text(encoding="utf-8"), TITLE, heldout_section(n), ANCHOR))
+    print(f"rewrote {args.section} section of {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
