@@ -389,6 +389,9 @@ def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):
     assert _cli(tmp_path, data, "tune.lr={wise: 0.1}", "--method", "none", "--budget",
                 f"text:{data}/general.jsonl_kl=0.5") == 2
     assert "tune.lr: 'wise' is not a candidate" in capsys.readouterr().err
+    assert _cli(tmp_path, data, "tune.lr={none: fast}", "--method", "none", "--budget",
+                f"text:{data}/general.jsonl_kl=0.5") == 2
+    assert "tune.lr.none: 'fast' is not a positive learning rate" in capsys.readouterr().err
     assert not (tmp_path / "tune").exists()  # nothing written before the input is checked
 
 
