@@ -71,12 +71,17 @@ def _check(cfg: TuneConfig) -> None:
     unknown = [m for m in cfg.tune.lr if m not in ("none", *steer)]
     if unknown:
         raise ConfigError(f"tune.lr: {unknown[0]!r} is not a candidate; candidates: none, {', '.join(steer)}")
-    for m, v in cfg.tune.lr.items():  # YAML reads 1e-3 (no dot) as text: accept any number float() reads
-        try:
-            if not float(v) > 0:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise ConfigError(f"tune.lr.{m}: {v!r} is not a positive learning rate") from None
+    # Checked here, not when a candidate reaches them after others have trained. YAML reads 1e-3 (no dot) as text:
+    # any value float() reads is a number.
+    for where, values, ok, what in (("tune.lr", cfg.tune.lr, lambda x: x > 0, "a positive learning rate"),
+                                    ("tune.start", cfg.tune.start, lambda x: x >= 0, "a coefficient >= 0")):
+        for m, v in values.items():
+            try:
+                good = ok(float(v))
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise ConfigError(f"{where}.{m}: {v!r} is not {what}")
     bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in steer]
     if bad:
         raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(steer)}")

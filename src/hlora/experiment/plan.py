@@ -140,10 +140,10 @@ def run_order(cfg: ExperimentConfig, cells: list[Cell]) -> list[Cell]:
     if unknown:
         raise ConfigError(f"first: {unknown[0]!r} is not one of the grid's methods"
                           f"{did_you_mean(unknown[0], cfg.methods)}")
-    rank = {m: i for i, m in enumerate(cfg.first)}
+    first = set(cfg.first)
     tasks = list(dict.fromkeys(c.task for c in cells))
     return [c for t in tasks for early in (True, False) for c in cells
-            if c.task == t and (c.row.id in rank) == early]
+            if c.task == t and (c.row.id in first) == early]
 
 
 def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
