@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hlora.cli import build_parser, main
+from hlora.cli import _overrides, build_parser, main, parse_args
 
 SUBCOMMANDS = ["general", "domain", "eval", "run", "report", "inspect", "bench", "demo"]
 
@@ -21,6 +21,19 @@ def test_every_subcommand_has_help(cmd, capsys):
 def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "hlora.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "general" in r.stdout and "demo" in r.stdout
+
+
+def test_overrides_may_stand_among_the_flags(capsys):
+    """`key=value` after a flag that follows other overrides was "unrecognized arguments" (argparse takes one run
+    of positionals): the documented tune command has overrides on both sides of --out."""
+    a = parse_args(["tune", "--r", "8", "train.lr=1e-3", "--seed", "1", "tune.runs_dir=x", "--out", "o", "eval.kl=true"])
+    assert _overrides(a)[-3:] == ["train.lr=1e-3", "tune.runs_dir=x", "eval.kl=true"]
+    assert "lora.r=8" in _overrides(a) and "out=o" in _overrides(a)
+    for bad in (["tune", "--r", "8", "a=1", "--seed", "1", "oops"], ["tune", "--nope", "1"], ["bench", "--out", "b", "x=1"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(bad)
+        assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 TINY = ["--model", "tiny-llama", "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--r", "4"]

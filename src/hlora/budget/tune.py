@@ -304,8 +304,9 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     return record
 
 
-def main(args, overrides: list[str]) -> dict:
-    """`hlora tune` (cli.py): --method and --budget are read here, the rest are RunConfig flags and overrides."""
+def config_from_args(args, overrides: list[str]) -> TuneConfig:
+    """The TuneConfig `hlora tune` would run (checked): --method, --allow and --budget are read here, the rest are
+    RunConfig flags and overrides."""
     from ..methods import REGISTRY
 
     pre = []
@@ -316,4 +317,12 @@ def main(args, overrides: list[str]) -> dict:
     if args.allow:
         pre.append(f"tune.allow={args.allow}")
     cfg = load_config(TuneConfig, args.config, pre + list(overrides))
-    return tune(cfg, budget=args.budget)
+    if args.budget:
+        cfg = dataclasses.replace(cfg, budget=Budget.parse(args.budget))
+    _check(cfg)
+    return cfg
+
+
+def main(args, overrides: list[str]) -> dict:
+    """`hlora tune` (cli.py)."""
+    return tune(config_from_args(args, overrides))
