@@ -391,7 +391,7 @@ def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):
     assert "tune.lr: 'wise' is not a candidate" in capsys.readouterr().err
     assert _cli(tmp_path, data, "tune.lr={none: fast}", "--method", "none", "--budget",
                 f"text:{data}/general.jsonl_kl=0.5") == 2
-    assert "tune.lr.none: 'fast' is not a positive learning rate" in capsys.readouterr().err
+    assert "tune.lr.none: expected float, got 'fast'" in capsys.readouterr().err
     assert _cli(tmp_path, data, "tune.start={kl_general: -1}", "--method", "none", "--budget",
                 f"text:{data}/general.jsonl_kl=0.5") == 2
     assert "tune.start.kl_general: -1 is not a coefficient >= 0" in capsys.readouterr().err

@@ -18,6 +18,22 @@ def test_overrides_typed_and_nested(tmp_path):
     assert load_config(RunConfig, y2) == cfg
 
 
+def test_typed_mapping_values_are_coerced():
+    """A dict[str, float] field reads YAML's `1e-3` (text to YAML: no dot) as a number, and a bad value names its
+    key; a bare `dict` field still only has to be a mapping."""
+    from hlora.budget.tune import TuneConfig
+    from hlora.config import EvalConfig, from_dict
+
+    cfg = apply_overrides(TuneConfig(), ["tune.lr={none: 1e-3, hlora: 3e-3}", "tune.start={ewc: 5}"])
+    assert cfg.tune.lr == {"none": 1e-3, "hlora": 3e-3} and all(type(v) is float for v in cfg.tune.lr.values())
+    assert cfg.tune.start == {"ewc": 5.0} and type(cfg.tune.start["ewc"]) is float
+    assert from_dict(EvalConfig, {"task_limits": {"sciq": "1e2"}}).task_limits == {"sciq": 100}
+    with pytest.raises(ConfigError, match=r"tune.lr.hlora: expected float, got 'fast'"):
+        apply_overrides(TuneConfig(), ["tune.lr={hlora: fast}"])
+    with pytest.raises(ConfigError, match=r"tune.start: expected a mapping"):
+        apply_overrides(TuneConfig(), ["tune.start=3"])
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [("train.lrr=1", "unknown key"), ("nope.x=1", "unknown section"), ("train.lr", "key=value"),

@@ -42,9 +42,9 @@ class TuneOptions:
     general_steps: int = 0  # hlora without importance_file: stage-ν steps (0 = train.max_steps)
     runs_dir: str = ""  # "" = OUT/runs; else a folder shared by several tunes, each run named by what determines it,
     # so that tunes with other budgets reuse what does not depend on the budget (plain LoRA, HLoRA's stage ν)
-    lr: dict = field(default_factory=dict)  # a candidate's own stage-μ learning rate ({none: 1e-3, kl_general: 3e-3};
+    lr: dict[str, float] = field(default_factory=dict)  # a candidate's own stage-μ learning rate ({none: 1e-3, kl_general: 3e-3};
     # "none" is plain LoRA), else train.lr: each method at the lr an lr sweep picked for it
-    start: dict = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
+    start: dict[str, float] = field(default_factory=dict)  # steered coefficient's start per method ({hlora: 1, ewc: 50});
     # else dual.start, else the method's config value
 
 
@@ -71,17 +71,12 @@ def _check(cfg: TuneConfig) -> None:
     unknown = [m for m in cfg.tune.lr if m not in ("none", *steer)]
     if unknown:
         raise ConfigError(f"tune.lr: {unknown[0]!r} is not a candidate; candidates: none, {', '.join(steer)}")
-    # Checked here, not when a candidate reaches them after others have trained. YAML reads 1e-3 (no dot) as text:
-    # any value float() reads is a number.
+    # Checked here, not when a candidate reaches them after others have trained (the config typed them as numbers).
     for where, values, ok, what in (("tune.lr", cfg.tune.lr, lambda x: x > 0, "a positive learning rate"),
                                     ("tune.start", cfg.tune.start, lambda x: x >= 0, "a coefficient >= 0")):
         for m, v in values.items():
-            try:
-                good = ok(float(v))
-            except (TypeError, ValueError):
-                good = False
-            if not good:
-                raise ConfigError(f"{where}.{m}: {v!r} is not {what}")
+            if not ok(v):
+                raise ConfigError(f"{where}.{m}: {v:g} is not {what}")
     bad = [m for m in [*cfg.tune.allow, *cfg.tune.start] if m not in steer]
     if bad:
         raise ConfigError(f"tune.allow / tune.start: {bad[0]!r} cannot be steered; steerable: {', '.join(steer)}")
@@ -190,7 +185,7 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         rec: dict = {"label": label, "method": name, "steered": steered}
         changes = {"method": _method_cfg(cfg, name), "out": str(out / "runs" / label)}
         if label in cfg.tune.lr:
-            changes["train"] = dataclasses.replace(cfg.train, lr=float(cfg.tune.lr[label]))
+            changes["train"] = dataclasses.replace(cfg.train, lr=cfg.tune.lr[label])
         needs = needs_general_run(name)  # a method whose domain stage continues its own general stage (HLoRA)
         if needs:
             if not (cfg.init_adapter and cfg.importance_file):
@@ -204,7 +199,7 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
                 changes.update(init_adapter=str(nu_run / "adapter"), importance_file=str(nu_run / needs))
         elif cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
-        dcfg = dataclasses.replace(cfg.dual, start=float(cfg.tune.start.get(name, cfg.dual.start)))
+        dcfg = dataclasses.replace(cfg.dual, start=cfg.tune.start.get(name, cfg.dual.start))
         steer = {"budget": to_dict(b), "dual": to_dict(dcfg), "slices": to_dict(cfg.slices)} if steered else None
         rc = _placed(cfg, _run_config(cfg, **changes), label, steer)
         ctrl = DualController(make_proxy(b, gen_val, dcfg, seq_len), b.limit, dcfg) if steered else None
