@@ -9,7 +9,7 @@ from report_records import LETTER_SIGNAL, LETTER_WRONG, letter_cell, make_result
 from scipy import stats
 
 from hlora.report import load_results, write_report
-from hlora.report.stats import letter_analysis
+from hlora.report.letters import letter_analysis
 
 A_PRIOR = (3.0, 0.0, 0.0, 0.0)  # +3 on A whatever the question: the model always answers A
 GOLD_SHARES = [3 / 8, 2 / 8, 2 / 8, 1 / 8]

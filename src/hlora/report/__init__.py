@@ -22,6 +22,7 @@ from .importance import (
     layer_weights,
 )
 from .load import ResultsError, load_results, row_labels, row_order, task_label
+from .letters import letter_analysis
 from .stats import (
     acc_under_cap,
     aggregate,
@@ -29,7 +30,6 @@ from .stats import (
     front,
     interp_ppl_at_acc,
     item_scores,
-    letter_analysis,
     matched_summary,
     mean_std,
     paired_matched_test,

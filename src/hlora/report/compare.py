@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 
 from .load import BASE, general_names, task_label
-from .stats import PRIOR_P
+from .letters import PRIOR_P
 from .tables import _csv, _fmt, _fmt_p, _latex_table, _md_escape, _md_table, _num, _tex, measures_note
 
 __all__ = [

@@ -18,11 +18,11 @@ from . import tables as T
 from .budget import load_tuned, tuned_markdown
 from .importance import importance_heatmap
 from .load import general_names, load_results, main_cells, role_row, row_labels, row_order, task_label, task_order
+from .letters import letter_analysis
 from .stats import (
     compute_summary,
     head_to_head,
     item_comparison,
-    letter_analysis,
     matched_summary,
     seed_significance,
     transfer_summary,
