@@ -225,3 +225,27 @@ def test_battery_is_aggregated_and_compared_paired_by_seed():
     plain = [normalize_record({k: v for k, v in r.items() if k not in ("battery", "battery_acc")}) for r in recs]
     row = next(r for r in matched_summary(plain, "sciq")["rows"] if r["method"] == "replay")
     assert row["battery"] is None and row["battery_test"] is None and row["test"]["n"] == 3
+
+
+def test_kl_at_matched_accuracy_is_tested_paired_by_seed():
+    """The matched-accuracy table's KL test: per seed, the reference's main KL against the row's KL interpolated
+    at the reference's accuracy on that seed's front, scipy's paired t-test over the seeds."""
+    from hlora.record import normalize_record
+
+    recs = [cell("base", "sciq", s, 0.60, 30.0, label="Base", kl=0.0) for s in (0, 1, 2)]
+    for s, acc, kl in ((0, 0.80, 0.20), (1, 0.82, 0.25), (2, 0.78, 0.21)):
+        recs.append(cell("hlora", "sciq", s, acc, 20.0, sweep=("phi", 1.0), label="HLoRA", kl=kl))
+    fronts = {0: [(0.70, 0.10), (0.90, 0.30)], 1: [(0.80, 0.12), (0.84, 0.16)], 2: [(0.70, 0.05), (0.80, 0.25)]}
+    for s, pts in fronts.items():
+        for k, (acc, kl) in enumerate(pts):
+            recs.append(cell("kl_general", "sciq", s, acc, 21.0, sweep=("beta", 10.0 ** -k), main=k == 0,
+                             label="KL-to-base", kl=kl))
+    recs = [normalize_record(r) for r in recs]
+    row = next(r for r in matched_summary(recs, "sciq")["rows"] if r["method"] == "kl_general")
+    theirs, at = [0.20, 0.25, 0.21], [0.20, 0.14, 0.21]  # interpolated at 0.80, 0.82, 0.78
+    t = row["kl_test"]
+    assert t["n"] == 3 and t["diff"] == pytest.approx(np.mean(np.subtract(theirs, at)))
+    assert t["p"] == pytest.approx(stats.ttest_rel(theirs, at).pvalue, rel=1e-9)
+    assert next(r for r in matched_summary(recs, "sciq")["rows"] if r["method"] == "hlora")["kl_test"] is None
+    no_kl = [{**r, "general_kl": None} for r in recs]
+    assert next(r for r in matched_summary(no_kl, "sciq")["rows"] if r["method"] == "kl_general")["kl_test"] is None

@@ -216,6 +216,7 @@ def test_new_records_name_the_text_and_add_the_battery(write_results, tmp_path):
     assert "### C4 perplexity, C4 KL and battery at matched domain accuracy" in md
     assert "| C4 PPL @ acc* ↓ | C4 KL @ acc* ↓ |" in md
     assert "| Battery % @ acc* ↑ | ΔBattery pts ref − row (p), n |" in md
+    assert "| n | p | ΔC4 KL ref − row (p), n |" in md and "ΔC4 KL: the same for C4 KL" in md
     assert "cap = Base C4 PPL × 1.02" in md
     assert "| C4 PPL ↓ | ΔC4 PPL (p) | C4 KL to Base ↓ | ΔC4 KL (p) | Battery % ↑ | ΔBattery pts (p) |" in md
 

@@ -35,6 +35,9 @@ def _matched_cells(s: dict, row: dict, names: dict) -> list[str]:
     kl = "—" if row["kl"] is None else f"{row['kl']:.4f}"
     test = ["—", "—", "—"] if t is None or t["n"] == 0 else [f"{t['diff']:+.3f}", str(t["n"]), _fmt_p(t["p"])]
     cells = [str(row["points"]), ppl, kl, _fmt(row["acc_cap"], None, 100.0), _fmt(row["area"], None)] + test
+    if names["kl_test"]:
+        kt = row.get("kl_test")
+        cells.append("—" if kt is None or kt["n"] == 0 else _delta(kt["diff"], kt["p"], 1.0, 3) + f", n {kt['n']}")
     if names["battery"]:
         bt = row.get("battery_test")
         cells += [_fmt(row.get("battery"), None, 100.0),
@@ -55,6 +58,8 @@ def _matched_header(names: dict) -> list[str]:
     ppl, kl, short = names["ppl"], names["kl"], names["ppl_short"]
     header = ["Method", "Points", f"{ppl} @ acc* ↓", f"{kl} @ acc* ↓", "Acc % under cap ↑",
               f"Dominated area ↑ (acc points × {short})", f"Δ{short} ref − row (paired)", "n", "p"]  # fmt: skip
+    if names["kl_test"]:
+        header.append(f"Δ{kl} ref − row (p), n")
     if names["battery"]:
         header += ["Battery % @ acc* ↑", "ΔBattery pts ref − row (p), n"]
     if names["nu_ppl"]:
@@ -81,6 +86,9 @@ def matched_markdown(summaries: Sequence[dict], names: dict | None = None) -> st
               f"Dominated area: the region of the (accuracy points, {ppl}) plane between Base and the row's points "
               f"that beat Base in both. Δ{ppl}: the reference's main {ppl} minus the row's {ppl} at the reference's "
               "accuracy, seed by seed (negative favours the reference), paired t-test over those seeds."]  # fmt: skip
+    if names["kl_test"]:
+        lines[-1] += (f" Δ{kl}: the same for {kl}, the row's interpolated at the reference's accuracy seed by seed "
+                      "(negative favours the reference).")
     if names["battery"]:
         lines[-1] += (" Battery: the battery's mean accuracy, interpolated the same way; ΔBattery: the reference's "
                       "main battery accuracy minus the row's at the reference's accuracy, seed by seed (positive "
@@ -94,6 +102,8 @@ def matched_csv(summaries: Sequence[dict], names: dict | None = None) -> str:
     names = names or general_names([])
     header = ["task", "method", "label", "points", "acc_ref", "ppl", "ppl_std", "ppl_n", "kl", "cap",
               "acc_under_cap", "dominated_area_accpts_x_ppl", "paired_diff", "paired_n", "paired_p"]  # fmt: skip
+    if names["kl_test"]:
+        header += ["kl_paired_diff", "kl_paired_n", "kl_paired_p"]
     if names["battery"]:
         header += ["battery_acc", "battery_paired_diff", "battery_paired_n", "battery_paired_p"]
     if names["nu_ppl"]:
@@ -105,6 +115,9 @@ def matched_csv(summaries: Sequence[dict], names: dict | None = None) -> str:
             row = [s["task"], r["method"], r["label"], r["points"], _num(s["acc_ref"]), _num(r["ppl"]),
                    _num(r["ppl_std"]), r["ppl_n"], _num(r["kl"]), _num(s["cap"]), _num(r["acc_cap"]),
                    _num(r["area"]), _num(t["diff"]), t["n"], _num(t["p"])]  # fmt: skip
+            if names["kl_test"]:
+                kt = r.get("kl_test") or {"diff": None, "n": "", "p": None}
+                row += [_num(kt["diff"]), kt["n"], _num(kt["p"])]
             if names["battery"]:
                 bt = r.get("battery_test") or {"diff": None, "n": "", "p": None}
                 row += [_num(r.get("battery")), _num(bt["diff"]), bt["n"], _num(bt["p"])]

@@ -124,7 +124,8 @@ def general_names(records: Iterable[dict], legacy: bool = True) -> dict:
     general text is the one stage ν trains on; texts joined by " / " when records differ. `ppl_short`: the
     perplexity's name without the note, for headers that quote it ("ΔWikiText-2 PPL"). `nu_ppl`: the
     label of a separate column for stage ν's own text (None when there is none, or when it is the general
-    text itself). `battery`: whether some record has the battery. `named`: False for records that all
+    text itself). `battery`: whether some record has the battery. `kl_test`: whether the matched-accuracy table
+    shows the paired KL test (named texts with a KL). `named`: False for records that all
     predate named texts (record_version 1) when `legacy`: tables then keep their old headers ("PPL",
     "KL"), so that old reports regenerate unchanged; figures pass legacy=False.
     """
@@ -149,4 +150,6 @@ def general_names(records: Iterable[dict], legacy: bool = True) -> dict:
         "nu_ppl": f"{nu_text} PPL (stage ν's own distribution)" if has_nu_col else None,
         "nu_text": nu_text or None,
         "battery": any(r.get("battery_acc") is not None for r in records),
+        # the paired KL test at matched accuracy came with named texts: old reports keep their columns
+        "kl_test": named and any(r.get("general_kl") is not None for r in records),
     }

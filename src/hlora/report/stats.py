@@ -331,6 +331,8 @@ def _matched_row(records: list[dict], method: str, task: str, acc_ref: float | N
         row["area"] = dominated_area([(100 * a, p) for a, p in ppl_front], (100 * base[0], base[1]))
     mine = method != reference
     row["test"] = paired_matched_test(records, method, task, reference) if mine else None
+    has_kl = any(p["general_kl"] is not None for p in pts)
+    row["kl_test"] = paired_matched_test(records, method, task, reference, "general_kl") if mine and has_kl else None
     has_battery = any(p["battery_acc"] is not None for p in pts)
     row["battery_test"] = (paired_matched_test(records, method, task, reference, "battery_acc")
                            if mine and has_battery else None)  # fmt: skip
@@ -345,7 +347,8 @@ def matched_summary(records: Iterable[dict], task: str, reference: str | None = 
     the seed-mean front (None outside the front's range), "ppl_std" over the seeds whose own
     front reaches acc_ref ("ppl_n" of them), "acc_cap" = highest accuracy with perplexity ≤ Base
     × cap_ratio, "area" = dominated area vs Base in accuracy points × ppl, "test" = the paired
-    test of `paired_matched_test` (None for the reference row itself). With the battery: "battery" (mean
+    test of `paired_matched_test` (None for the reference row itself), "kl_test" the same for the KL to Base
+    (None without it). With the battery: "battery" (mean
     accuracy) at acc_ref and "battery_test", its paired test (reference − row); with stage ν's own text
     beside the general one: "nu_ppl" at acc_ref.
     """
