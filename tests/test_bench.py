@@ -2,7 +2,8 @@
 the slow tier, tests/test_cli.py)."""
 from pathlib import Path
 
-from hlora.bench import _per_setting, lora_settings, markdown_table
+from hlora.bench import lora_settings
+from hlora.bench_table import _per_setting, markdown_table
 from hlora.cli import main
 
 COMMITTED = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "bench-smollm2-cpu.json"

@@ -65,7 +65,7 @@ def test_results_readme_bench_table_is_the_committed_json_rendered():
     """The bench section's table is `hlora bench --table` of the committed JSON, not numbers typed by hand."""
     import json
 
-    from hlora.bench import markdown_table
+    from hlora.bench_table import markdown_table
 
     bench = README.parent / "benchmarks" / "results" / "bench-smollm2-cpu.json"
     text = RESULTS_README.read_text(encoding="utf-8")
