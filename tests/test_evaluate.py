@@ -467,3 +467,52 @@ def test_evaluate_tasks(tok, capfd):
     assert "loglikelihood" not in capfd.readouterr().err  # no progress bar when progress=False
     with pytest.raises(ValueError, match="unknown kind"):
         ev.evaluate(model, tok, [SimpleNamespace(name="bad", kind="audio")], progress=False)
+
+
+def test_reference_cache_gives_the_same_kl_without_the_reference_forward(tok):
+    """Inside reference_cache(), a second adapter of the same base on the same text reuses the base's logits:
+    KL equal to the bit to an uncached run, no base forward; a changed base is computed again, not served stale."""
+    from hlora.evaluate import engine
+
+    peft_model = _peft(tiny_model("tiny-llama"), "tiny-llama")
+    peft_model.eval()
+
+    def ppl():
+        return ev.perplexity(peft_model, tok, PPL_TEXTS, window=16, batch_size=3, progress=False, kl_reference="base")
+
+    def other_adapter():
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.05)
+
+    def other_base():
+        with torch.no_grad():
+            next(p for n, p in peft_model.named_parameters() if "embed" in n).mul_(1.01)
+
+    state = copy.deepcopy(peft_model.state_dict())
+    plain = [ppl()]
+    other_adapter()
+    plain.append(ppl())
+    other_base()
+    plain.append(ppl())
+    peft_model.load_state_dict(state)
+
+    calls, real = [], engine._window_logits
+    engine._window_logits = lambda m, *a: calls.append(1) or real(m, *a)
+    try:
+        with engine.reference_cache():
+            cached, counts = [], []
+            for change in (None, other_adapter, other_base):
+                if change:
+                    change()
+                calls.clear()
+                cached.append(ppl())
+                counts.append(len(calls))
+    finally:
+        engine._window_logits = real
+    for c, p in zip(cached, plain):
+        assert c["kl"] == p["kl"] and c["nll"] == p["nll"]  # the cache changes no number
+    assert plain[1]["kl"] != plain[0]["kl"] and plain[2]["kl"] != plain[1]["kl"]
+    assert counts[0] == 2 * counts[1] and counts[2] == counts[0]  # model + base, model only, model + base again
+    assert engine._REF_CACHE is None  # closed with its block

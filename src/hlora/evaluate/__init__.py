@@ -16,13 +16,13 @@ The batching constants are read where they are used: set `hlora.evaluate.batches
 # The private names are read by the tests and benchmarks/lmeval_parity.py.
 from .batches import FORWARD_COST, TOKENS_PER_CONTEXT, _length_batches, _packed_batches  # noqa: F401
 from .engine import (DEFAULT_MAX_LENGTH, loglikelihood, loglikelihood_full, loglikelihood_rolling,
-                     resolve_max_length)
+                     reference_cache, resolve_max_length)
 from .evaluator import evaluate, evaluate_mcq, perplexity
 from .metrics import _argmax, _stderr, mcq_result, perplexity_result  # noqa: F401
 from .requests import _Encoder, encode_docs, encode_requests, prefix_token_id, rolling_windows  # noqa: F401
 
 __all__ = [
     "evaluate", "evaluate_mcq", "perplexity", "loglikelihood", "loglikelihood_full", "loglikelihood_rolling",
-    "resolve_max_length", "encode_requests", "encode_docs", "prefix_token_id", "rolling_windows",
+    "reference_cache", "resolve_max_length", "encode_requests", "encode_docs", "prefix_token_id", "rolling_windows",
     "mcq_result", "perplexity_result", "TOKENS_PER_CONTEXT", "FORWARD_COST", "DEFAULT_MAX_LENGTH",
 ]

@@ -43,6 +43,7 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, c
     """Run every cell without a record; rewrite results.json after each; write the report.
     `collect_only`: run nothing, gather the cells that have a record (checked against this config).
     Returns the folder holding results.json (the records' parent)."""
+    from ..evaluate.engine import reference_cache
     from ..report import write_report
 
     cells = plan(cfg)
@@ -58,7 +59,8 @@ def run_experiment(cfg: ExperimentConfig, progress=print, report: bool = True, c
     def results() -> list[dict]:  # in the plan's order, whatever order the cells ran in
         return [done_recs[c.name] for c in cells if c.name in done_recs]
 
-    with _DataRoot(cfg.data_root):
+    # Every cell's KL is taken against the same base model on the same text: its forward is computed once.
+    with _DataRoot(cfg.data_root), reference_cache():
         for i, cell in enumerate(run_order(cfg, cells), 1):
             tag = f"[{i}/{len(cells)}] {cell.name}"
             done = (records / f"{cell.name}.json").exists()
