@@ -27,11 +27,12 @@ from hlora.files import atomic_path
 
 # The regime of the held-out comparison: all seven linear modules, r = 16, stage μ 100 steps of 4×128 tokens;
 # stage ν 60 steps on WikiText-2 at 8e-4 (as the grid trains it); each candidate at the lr benchmarks/pick_lr.py
-# picked (plain LoRA is `none`).
+# picked (plain LoRA is `none`). Each steered coefficient starts at its grid value that acts (EWC-LoRA's λ = 0.5 is
+# plain LoRA; λ = 5000 halves the KL), since a start far off costs the controller most of the run (docs/budget.md).
 LORA = ["--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--r", "16", "--alpha", "32"]
 NU = ["--data", "wikitext", "--max-steps", "60", "--lr", "8e-4", "--batch-size", "4", "--seq-len", "128"]
 MU = ["--data", "sciq", "--method", "auto", "--max-steps", "100", "--lr", "1e-3", "--batch-size", "4",
-      "--seq-len", "128", "tune.start={hlora: 1.0, kl_general: 0.1, ewc: 0.5, replay: 0.25}",
+      "--seq-len", "128", "tune.start={hlora: 1.0, kl_general: 0.1, ewc: 5000, replay: 0.25}",
       "tune.lr={none: 1e-3, hlora: 3e-3, replay: 3e-3, kl_general: 1e-3, ewc: 1e-3}",
       "slices.domain_test_items=150"]
 # KL binds in this regime (plain LoRA(μ) 0.24 nats/token on C4); C4 perplexity hardly rises (+0.8 % for plain LoRA

@@ -48,6 +48,7 @@ def test_commands_are_what_the_cli_accepts(acc, tmp_path):
     assert cfg.init_adapter == str(tmp_path / "nu-s2" / "adapter")
     assert cfg.tune.runs_dir == str(tmp_path / "shared-s2") and cfg.out == str(tmp_path / "c4_kl=0.05-s2")
     assert len(cfg.lora.targets) == 7 and cfg.slices.domain_test_items == 150
+    assert cfg.tune.start == {"hlora": 1.0, "kl_general": 0.1, "ewc": 5000.0, "replay": 0.25}
 
 
 class FakeCLI:
