@@ -2,6 +2,7 @@
 """Rewrite the generated sections of results/README.md from the committed results (run from the repo root).
 
     python benchmarks/results_readme.py heldout    # the held-out grid in progress: cell count, SciQ front points
+    python benchmarks/results_readme.py headline   # prints the README's headline table from the held-out grid
 
 A grid's section is generated, never typed: tests/test_readme.py checks that the README holds exactly what this
 prints for the committed results.json and report.
@@ -38,6 +39,24 @@ is in `fronts-smollm2-heldout/report/`):
 """
 
 
+# The README's headline: the rows a user weighs against HLoRA (its reference point), each at the setting the
+# fronts show acting, from the held-out grid's SciQ head-to-head table (every point against HLoRA φ = 1, paired).
+HEADLINE = [("Base", "main"), ("LoRA(μ)", "lr = 0.001"), ("LoRA(ν+μ)", "main"), ("HLoRA", "phi = 1 (reference)"),
+            ("HLoRA", "phi = 100"), ("HLoRA −layer,element", "main"), ("EWC-LoRA", "lam = 5000"),
+            ("Replay", "rho = 0.25"), ("KL-to-base (general)", "beta = 1"), ("KL-to-base (general)", "beta = 10"),
+            ("WiSE-FT of LoRA(μ)", "alpha = 0.5"), ("WiSE-FT of HLoRA", "alpha = 0.5")]
+
+
+def headline_table(tables: str | None = None) -> str:
+    """The HEADLINE rows of the held-out report's SciQ head-to-head table (header first), in HEADLINE's order; rows
+    the grid has not reached are left out."""
+    tables = tables if tables is not None else (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
+    start = tables.index("|", tables.index("#### SciQ: every point against"))
+    block = tables[start:tables.index("\n\n", start)].splitlines()
+    rows = [next((line for line in block if line.startswith(f"| {row} | {point} |")), None) for row, point in HEADLINE]
+    return "\n".join(block[:2] + [r for r in rows if r is not None])
+
+
 def replace_section(text: str, title: str, section: str, anchor: str) -> str:
     """`text` with the section starting at `title` replaced by `section` (inserted before `anchor` if absent)."""
     start = text.find(title)
@@ -49,8 +68,11 @@ def replace_section(text: str, title: str, section: str, anchor: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("section", choices=["heldout"])
+    ap.add_argument("section", choices=["heldout", "headline"])
     args = ap.parse_args(argv)
+    if args.section == "headline":
+        print(headline_table())
+        return 0
     sys.path.insert(0, str(ROOT / "src"))
     from hlora.config import load_config
     from hlora.experiment import ExperimentConfig, plan

@@ -133,3 +133,7 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     section = gen.heldout_section(len(order))
     assert f"{len(results)} of {len(order)} cells" in section.splitlines()[0] and _table_blocks(section)[0] in tables
     assert section in RESULTS_README.read_text(encoding="utf-8"), "run `python benchmarks/results_readme.py heldout`"
+    # the README's headline table, once it comes from this grid: every chosen row is in the report (a renamed
+    # row or sweep label would silently drop out of it), and it fits the README
+    head = gen.headline_table(tables).splitlines()
+    assert len(head) == 2 + len(gen.HEADLINE) <= 14 and all(line in tables.splitlines() for line in head)
