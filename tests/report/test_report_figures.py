@@ -223,3 +223,10 @@ def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
     assert "| sciq | 0 | c4_kl ≤ 0.05 | hlora | 1 | 0.05 ± 0.004 | 0.052 ± 0.005 | within ±10 % | 89.0 % | " \
            "hlora: 88.0 % (0.04) | 200 (2.0) | 9 | a/tune.json |" in md
     assert "1 of 1 returned models land within ±10 % of their budget on the test slice; 0 are above it" in md
+    # a committed copy is named by its file; a test slice of one document has no s.e.
+    copy = tmp_path / "c4_kl=0.05-s0.json"
+    rec = json.loads(path.read_text())
+    rec["winner"]["test"]["se"] = float("nan")
+    copy.write_text(json.dumps(rec))
+    md = tuned_markdown(load_tuned([copy]), grid)
+    assert "| 0.05 ± 0.004 | 0.052 ± n/a | within ±10 % |" in md and "| c4_kl=0.05-s0.json |" in md

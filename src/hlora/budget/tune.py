@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -288,7 +289,7 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     echo(f"chosen: {w['label']} at α = {w['alpha']:.4g}"
          + (f" ({winner['dual']['coefficient']} steered to {w['coefficient']:.4g})" if w.get("coefficient") else "")
          + f": domain accuracy {v['domain_acc']:.4f} (validation) / {t['domain_acc']:.4f} (test); "
-         f"{b.measure} {v['forgetting']:.4g} ± {v['se']:.2g} (validation) / {t['forgetting']:.4g} ± {t['se']:.2g} "
+         f"{b.measure} {v['forgetting']:.4g} {_pm(v['se'])} (validation) / {t['forgetting']:.4g} {_pm(t['se'])} "
          f"(test), budget {b.limit:g}")
     if w.get("warning"):
         echo(f"WARNING: {w['warning']}")
@@ -316,6 +317,11 @@ def config_from_args(args, overrides: list[str]) -> TuneConfig:
         cfg = dataclasses.replace(cfg, budget=Budget.parse(args.budget))
     _check(cfg)
     return cfg
+
+
+def _pm(se: float) -> str:
+    """"± s.e.", or "± n/a" where the slice cannot give one (a test slice of a single document)."""
+    return f"± {se:.2g}" if se is not None and math.isfinite(se) else "± n/a"
 
 
 def main(args, overrides: list[str]) -> dict:

@@ -148,12 +148,20 @@ def _point_label(r: dict) -> str:
     return r["label"] + (f" ({sw['param']} = {sw['value']:g})" if sw.get("param") and not r.get("main") else "")
 
 
+def _file_label(path: str) -> str:
+    """OUT/tune.json as "OUT/tune.json"; a renamed copy (results/budget-smollm2/c4_kl=0.05-s0.json) by its name."""
+    p = Path(path)
+    return f"{p.parent.name}/tune.json" if p.name == "tune.json" else p.name
+
+
 def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
     """One line per tune result: budget, the model returned, its validation and test forgetting against the budget,
     its test accuracy, the best fixed point of the grid `records` within the same budget, cost; then how many
     returned models land within ±10 % of their budget and how many are above it by more than the validation s.e."""
     def forgetting(p: dict) -> str:
-        return f"{p['forgetting']:.4g} ± {p.get('se', float('nan')):.2g}" if "forgetting" in p else "–"
+        se = p.get("se")
+        pm = f"± {se:.2g}" if se is not None and np.isfinite(se) else "± n/a"
+        return f"{p['forgetting']:.4g} {pm}" if "forgetting" in p else "–"
 
     tuned, records = list(tuned), list(records)
     rows = ["| task | seed | budget | returned | α | forgetting, validation | forgetting, test | test vs budget | "
@@ -173,7 +181,7 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
                  forgetting(w.get("validation") or {}) if w else "", forgetting(test) if w else "", verdict(t),
                  f"{100 * acc:.1f} %" if acc is not None else "", best_txt,
                  f"{c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')})", str(c.get("evaluations", "?")),
-                 f"{Path(t.get('path', '')).parent.name}/tune.json"]
+                 _file_label(t.get("path", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     verdicts = [verdict(t) for t in tuned]
     return ("\n".join(rows) + f"\n\n{verdicts.count('within ±10 %')} of {len(tuned)} returned models land within "
