@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Iterable
@@ -16,6 +17,11 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest known name, or ''."""
     hint = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def plus_minus(se: float | None) -> str:
+    """"± s.e." for a number, "± n/a" where a slice cannot give one (a test slice of a single document: nan)."""
+    return f"± {se:.2g}" if se is not None and math.isfinite(se) else "± n/a"
 
 
 def lazy_exports(owner: str, module: str, names: Iterable[str]):

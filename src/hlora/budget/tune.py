@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config, method_config, to_dict
 from ..files import atomic_dir, write_json
 from ..methods import needs_general_run, steerable
+from ..util import plus_minus
 from .alpha import AlphaSearchConfig, search_alpha
 from .dual import DualConfig, DualController, make_proxy
 from .measure import Budget, BudgetError, Measurer, SliceConfig, domain_slices, mcq_slices, text_slices
@@ -289,7 +289,7 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     echo(f"chosen: {w['label']} at α = {w['alpha']:.4g}"
          + (f" ({winner['dual']['coefficient']} steered to {w['coefficient']:.4g})" if w.get("coefficient") else "")
          + f": domain accuracy {v['domain_acc']:.4f} (validation) / {t['domain_acc']:.4f} (test); "
-         f"{b.measure} {v['forgetting']:.4g} {_pm(v['se'])} (validation) / {t['forgetting']:.4g} {_pm(t['se'])} "
+         f"{b.measure} {v['forgetting']:.4g} {plus_minus(v['se'])} (validation) / {t['forgetting']:.4g} {plus_minus(t['se'])} "
          f"(test), budget {b.limit:g}")
     if w.get("warning"):
         echo(f"WARNING: {w['warning']}")
@@ -317,11 +317,6 @@ def config_from_args(args, overrides: list[str]) -> TuneConfig:
         cfg = dataclasses.replace(cfg, budget=Budget.parse(args.budget))
     _check(cfg)
     return cfg
-
-
-def _pm(se: float) -> str:
-    """"± s.e.", or "± n/a" where the slice cannot give one (a test slice of a single document)."""
-    return f"± {se:.2g}" if se is not None and math.isfinite(se) else "± n/a"
 
 
 def main(args, overrides: list[str]) -> dict:

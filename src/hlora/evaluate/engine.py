@@ -347,17 +347,17 @@ def _reference(model, kl_reference):
 
 
 _REF_CACHE: "OrderedDict | None" = None  # (reference weights, input) -> its kept logits, while reference_cache() is open
-_REF_CACHE_LIMIT = [0]
+_REF_CACHE_LIMIT = 0  # its bytes at most
 
 
 @contextlib.contextmanager
 def reference_cache(max_bytes: int = 6 << 30):
     """Keep the KL reference's window logits across `loglikelihood_rolling` calls in this block, up to `max_bytes`
     (least recently used dropped first); e.g. 8,192 tokens of a 49,152-token vocabulary take 1.6 GB in fp32."""
-    global _REF_CACHE
+    global _REF_CACHE, _REF_CACHE_LIMIT
     outer = _REF_CACHE
     if outer is None:
-        _REF_CACHE, _REF_CACHE_LIMIT[0] = OrderedDict(), max_bytes
+        _REF_CACHE, _REF_CACHE_LIMIT = OrderedDict(), max_bytes
     try:
         yield
     finally:
@@ -392,7 +392,7 @@ def _cached_ref_logits(ref, ref_id: str | None, ids, mask, keep: int):
     with ref[1]():
         logits = _window_logits(ref[0], ids, mask, keep)
     _REF_CACHE[key] = logits.detach().cpu()
-    while len(_REF_CACHE) > 1 and sum(v.numel() * v.element_size() for v in _REF_CACHE.values()) > _REF_CACHE_LIMIT[0]:
+    while len(_REF_CACHE) > 1 and sum(v.numel() * v.element_size() for v in _REF_CACHE.values()) > _REF_CACHE_LIMIT:
         _REF_CACHE.popitem(last=False)
     return logits
 

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..util import plus_minus
 from .load import BASE, main_cells
 
 __all__ = ["load_tuned", "budget_marks", "tuned_markdown", "verdict", "fixed_forgetting", "best_fixed_point"]
@@ -159,9 +160,7 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
     its test accuracy, the best fixed point of the grid `records` within the same budget, cost; then how many
     returned models land within ±10 % of their budget and how many are above it by more than the validation s.e."""
     def forgetting(p: dict) -> str:
-        se = p.get("se")
-        pm = f"± {se:.2g}" if se is not None and np.isfinite(se) else "± n/a"
-        return f"{p['forgetting']:.4g} {pm}" if "forgetting" in p else "–"
+        return f"{p['forgetting']:.4g} {plus_minus(p.get('se'))}" if "forgetting" in p else "–"
 
     tuned, records = list(tuned), list(records)
     rows = ["| task | seed | budget | returned | α | forgetting, validation | forgetting, test | test vs budget | "

@@ -92,10 +92,10 @@ def _table_sections(records: list[dict], reference: str, out: _Out) -> dict[str,
     labels, names = row_labels(records), general_names(records)
     t1, t2 = T.results_grid(records), T.results_grid(records, T.ablation_rows(records))
     comp = T.complexity(records, reference)
-    matched = [matched_summary(records, t, reference) for t in task_order(records)]
+    # a grid in progress whose reference row has no cell yet gets no matched table
+    has_ref = any(r["method"] == reference for r in records)
+    matched = [matched_summary(records, t, reference) for t in task_order(records)] if has_ref else []
     matched = [s for s in matched if s["acc_ref"] is not None or s["base"] is not None]
-    if not any(r["method"] == reference for r in records):  # a grid in progress: its reference has no cell yet
-        matched = []
     transfer = [s for t in task_order(main_cells(records))
                 if (s := transfer_summary(records, t, reference))["targets"]]
     compute = compute_summary(records)
