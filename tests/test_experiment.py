@@ -286,6 +286,24 @@ def test_first_rows_run_first_and_results_keep_the_plan_order(tmp_path, monkeypa
         run_order(load_config(ExperimentConfig, CONFIG, ["first=[hlroa]"]), cells)
 
 
+def test_first_may_name_one_point_of_a_row():
+    """`row@point` puts only that swept cell first (the headline's φ, not the whole front); a point the row does
+    not sweep, or one that is not a number, is an error that names the entry and the row's points."""
+    from hlora.experiment.plan import run_order
+
+    cfg = load_config(ExperimentConfig, CONFIG, ["first=[hlora@100, base]"])
+    cells = plan(cfg)
+    sciq = [c for c in run_order(cfg, cells) if c.task == "sciq"]
+    early = [(c.row.id, c.point) for c in sciq[:4]]
+    assert early == [("base", None), ("hlora", 100.0)] * 2  # seed 0, then seed 1, in the plan's order
+    assert all((c.row.id, c.point) not in early for c in sciq[4:])
+    assert any(c.row.id == "hlora" for c in sciq[4:])  # the rest of the front comes later, not dropped
+    with pytest.raises(ConfigError, match=r"first: 'hlora@3' matches no cell; hlora's points: 0.01, 1, 100"):
+        run_order(load_config(ExperimentConfig, CONFIG, ["first=[hlora@3]"]), cells)
+    with pytest.raises(ConfigError, match="must be a number"):
+        run_order(load_config(ExperimentConfig, CONFIG, ["first=[hlora@high]"]), cells)
+
+
 def test_a_wise_cell_hash_follows_its_sources_lr_and_setting():
     """A WiSE-FT cell evaluates its source row's adapter: once the source trains at its own lr, changing that lr
     or the source's setting makes the cell's committed record stale (its settings hash changes)."""

@@ -65,7 +65,8 @@ class ExperimentConfig:
     full_fisher_examples: int = 2  # samples timed for the full-model Fisher cost estimate
     out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
     records: str = ""  # one JSON per finished cell (commit these); "" = OUT/records
-    first: list[str] = field(default_factory=list)  # rows run before the others in each task, over all its seeds
+    first: list[str] = field(default_factory=list)  # rows (or `row@point` cells) run before the others in each
+    # task, over all its seeds
     # (the rows a headline needs land first in a grid that takes several sessions); order only, never a result
 
 
@@ -134,16 +135,33 @@ def plan(cfg: ExperimentConfig) -> list[Cell]:
 
 
 def run_order(cfg: ExperimentConfig, cells: list[Cell]) -> list[Cell]:
-    """The order the runner trains cells in: the plan's, except that within each task the cells of the rows in
-    `first` (every seed) come before the rest. results.json keeps the plan's order."""
-    unknown = [m for m in cfg.first if m not in cfg.methods]
-    if unknown:
-        raise ConfigError(f"first: {unknown[0]!r} is not one of the grid's methods"
-                          f"{did_you_mean(unknown[0], cfg.methods)}")
-    first = set(cfg.first)
+    """The order the runner trains cells in: the plan's, except that within each task the cells named in `first`
+    (every seed) come before the rest. An entry is a row (all its cells) or `row@point` (the row's cell at that
+    swept value: `kl_general@10`). results.json keeps the plan's order."""
+    wanted = []  # (row id, point or None)
+    for entry in cfg.first:
+        rid, _, point = str(entry).partition("@")
+        if rid not in cfg.methods:
+            raise ConfigError(f"first: {rid!r} is not one of the grid's methods{did_you_mean(rid, cfg.methods)}")
+        try:
+            value = float(point) if point else None
+        except ValueError:
+            raise ConfigError(f"first: {entry!r}: the point after '@' must be a number") from None
+        if value is not None and not any(c.row.id == rid and _same(c.point, value) for c in cells):
+            points = sorted({c.point for c in cells if c.row.id == rid and c.point is not None})
+            raise ConfigError(f"first: {entry!r} matches no cell; {rid}'s points: "
+                              f"{', '.join(f'{p:g}' for p in points) or 'none (it has no front)'}")
+        wanted.append((rid, value))
+
+    def early(c: Cell) -> bool:
+        return any(c.row.id == rid and (value is None or _same(c.point, value)) for rid, value in wanted)
+
     tasks = list(dict.fromkeys(c.task for c in cells))
-    return [c for t in tasks for early in (True, False) for c in cells
-            if c.task == t and (c.row.id in first) == early]
+    return [c for t in tasks for first in (True, False) for c in cells if c.task == t and early(c) == first]
+
+
+def _same(point, value: float) -> bool:
+    return point is not None and abs(float(point) - value) <= 1e-9 * max(1.0, abs(value))
 
 
 def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
