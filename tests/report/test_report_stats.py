@@ -36,16 +36,32 @@ def test_ttest_matches_scipy():
 
 
 def test_interpolation():
-    front = [(0.6, 30.0), (0.8, 20.0), (0.7, 26.0)]  # unsorted on purpose
-    assert interp_ppl_at_acc(front, 0.65) == pytest.approx(28.0)  # halfway 30 -> 26
-    assert interp_ppl_at_acc(front, 0.75) == pytest.approx(23.0)  # halfway 26 -> 20
-    assert interp_ppl_at_acc(front, 0.6) == pytest.approx(30.0)  # endpoints
-    assert interp_ppl_at_acc(front, 0.8) == pytest.approx(20.0)
+    front = [(0.6, 20.0), (0.8, 30.0), (0.7, 26.0)]  # a trade-off, unsorted on purpose
+    assert interp_ppl_at_acc(front, 0.65) == pytest.approx(23.0)  # halfway 20 -> 26
+    assert interp_ppl_at_acc(front, 0.75) == pytest.approx(28.0)  # halfway 26 -> 30
+    assert interp_ppl_at_acc(front, 0.6) == pytest.approx(20.0)  # endpoints
+    assert interp_ppl_at_acc(front, 0.8) == pytest.approx(30.0)
     assert interp_ppl_at_acc(front, 0.59) is None and interp_ppl_at_acc(front, 0.81) is None  # outside
     assert interp_ppl_at_acc([(0.7, 25.0)], 0.7) == 25.0  # one point matches only itself
     assert interp_ppl_at_acc([(0.7, 25.0)], 0.71) is None
     assert interp_ppl_at_acc([], 0.7) is None
-    assert interp_ppl_at_acc([(0.7, 25.0), (0.7, 24.0), (0.8, 20.0)], 0.7) == 24.0  # a tie: the best
+    assert interp_ppl_at_acc([(0.7, 25.0), (0.7, 24.0), (0.8, 30.0)], 0.7) == 24.0  # a tie: the best
+
+
+def test_a_dominating_point_wins_over_interpolation():
+    """A bent front (WiSE-FT of HLoRA, seed 0 on SciQ: α 0.75 at 90.7 %, KL 0.133; α 0.5 at 91.3 %, KL 0.063):
+    at 90.7 % the row reaches KL 0.063, since α 0.5 has more accuracy and less forgetting. For a measure where
+    higher is better (the battery) the best is the highest."""
+    wise = [(0.827, 0.017), (0.9067, 0.133), (0.9133, 0.063), (0.9067, 0.227)]
+    assert interp_ppl_at_acc(wise, 0.9067) == pytest.approx(0.063)
+    seg = 0.017 + (0.85 - 0.827) / (0.9067 - 0.827) * (0.133 - 0.017)  # 0.050: below every point above 85 %
+    assert interp_ppl_at_acc(wise, 0.85) == pytest.approx(seg)
+    bent = [(0.6, 20.0), (0.7, 26.0), (0.75, 22.0), (0.8, 30.0)]
+    assert interp_ppl_at_acc(bent, 0.7) == pytest.approx(22.0)
+    assert interp_ppl_at_acc(bent, 0.775) == pytest.approx(26.0)  # no better point above: the segment's value
+    battery = [(0.6, 0.40), (0.7, 0.38), (0.8, 0.41)]
+    assert interp_ppl_at_acc(battery, 0.65, higher_is_better=True) == pytest.approx(0.41)
+    assert interp_ppl_at_acc(battery, 0.65) == pytest.approx(0.38)
 
 
 def test_accuracy_under_cap():

@@ -79,8 +79,10 @@ def matched_markdown(summaries: Sequence[dict], names: dict | None = None) -> st
                            [[_md_escape(r["label"])] + _matched_cells(s, r, names) for r in s["rows"]])
         lines.append("")
     ppl, kl = names["ppl_short"], names["kl"]
-    lines += [f"{ppl} and {kl} are interpolated linearly along each row's seed-mean front (its sweep points sorted "
-              "by accuracy) at acc*, — where acc* lies outside the front; ± is the std over the seeds (in "
+    lines += [f"{ppl} and {kl} at acc*: the best each row's seed-mean front reaches with at least acc*, each "
+              "measure on its own (linear interpolation between its sweep points sorted by accuracy, or a point "
+              "with more accuracy and less forgetting where the front bends), — where acc* lies outside the "
+              "front; ± is the std over the seeds (in "
               "brackets) whose own front reaches acc*. Acc under cap: highest accuracy along the front with "
               f"{ppl} ≤ the cap. "
               f"Dominated area: the region of the (accuracy points, {ppl}) plane between Base and the row's points "

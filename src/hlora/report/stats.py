@@ -152,24 +152,27 @@ def seed_front(records: Iterable[dict], method: str, task: str, seed: int,
     return front_xy(front(mine, method, task), metric)
 
 
-def interp_ppl_at_acc(front: Front, acc: float) -> float | None:
-    """Perplexity (or any y) of a front at a given accuracy, by linear interpolation.
+HIGHER_IS_BETTER = frozenset({"acc", "acc_norm", "battery_acc"})  # general measures where more is less forgetting
 
-    `front` is a list of (acc, ppl) points in any order; they are sorted by accuracy and joined by
-    straight segments. Returns None when `acc` is outside the front's accuracy range (a single
-    point matches only an equal accuracy). Where several points share the accuracy asked for,
-    the lowest perplexity among them is returned: the best the row reaches there.
+
+def interp_ppl_at_acc(front: Front, acc: float, higher_is_better: bool = False) -> float | None:
+    """Perplexity (or any y) a front reaches at a given accuracy: the best y with at least that accuracy.
+
+    `front` is a list of (acc, y) points in any order; they are sorted by accuracy and joined by
+    straight segments. The value is the best of the segment's y at `acc` and the y of every point
+    at or above `acc`: a point with more accuracy and less forgetting dominates, and a user would
+    take it (WiSE-FT curves bend, so α = 0.5 can beat α = 0.75 on both axes). On a trade-off front
+    (y worse as accuracy rises) this is plain linear interpolation. Best is lowest, or highest with
+    `higher_is_better` (battery accuracy). None when `acc` is outside the front's accuracy range (a
+    single point matches only an equal accuracy).
     """
     pts = sorted((float(a), float(p)) for a, p in front)
     if not pts or acc < pts[0][0] - _TOL or acc > pts[-1][0] + _TOL:
         return None
-    at = [p for a, p in pts if abs(a - acc) <= _TOL]
-    if at:
-        return min(at)
-    for (a0, p0), (a1, p1) in zip(pts, pts[1:]):
-        if a0 < acc < a1:
-            return p0 + (acc - a0) / (a1 - a0) * (p1 - p0)
-    return None  # unreachable: acc lies strictly inside some segment
+    candidates = [p for a, p in pts if a >= acc - _TOL]
+    candidates += [p0 + (acc - a0) / (a1 - a0) * (p1 - p0) for (a0, p0), (a1, p1) in zip(pts, pts[1:])
+                   if a0 < acc < a1]  # fmt: skip
+    return max(candidates) if higher_is_better else min(candidates)
 
 
 def acc_under_cap(front: Front, cap: float) -> float | None:
@@ -241,7 +244,7 @@ def paired_matched_test(records: Iterable[dict], method: str, task: str, referen
     for s in ref_seeds:
         acc_s = reference_accuracy(records, task, reference, seed=s)
         theirs = _reference_metric(records, task, reference, s, metric)
-        mine = interp_ppl_at_acc(seed_front(records, method, task, s, metric), acc_s)
+        mine = interp_ppl_at_acc(seed_front(records, method, task, s, metric), acc_s, metric in HIGHER_IS_BETTER)
         if mine is not None and theirs is not None:
             a.append(theirs)
             b.append(mine)
@@ -324,7 +327,7 @@ def _matched_row(records: list[dict], method: str, task: str, acc_ref: float | N
         row["ppl"] = interp_ppl_at_acc(ppl_front, acc_ref)
         row["ppl_std"], row["ppl_n"] = _seed_interp_std(records, method, task, acc_ref)
         row["kl"] = interp_ppl_at_acc(kl_front, acc_ref)
-        row["battery"] = interp_ppl_at_acc(front_xy(pts, "battery_acc"), acc_ref)
+        row["battery"] = interp_ppl_at_acc(front_xy(pts, "battery_acc"), acc_ref, higher_is_better=True)
         row["nu_ppl"] = interp_ppl_at_acc(front_xy(pts, "nu_text_ppl"), acc_ref)
     if base is not None:
         row["acc_cap"] = acc_under_cap(ppl_front, base[1] * cap_ratio)
