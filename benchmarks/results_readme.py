@@ -3,6 +3,7 @@
 
     python benchmarks/results_readme.py heldout    # the held-out grid in progress: cell count, SciQ front points
     python benchmarks/results_readme.py headline   # prints the README's headline table from the held-out grid
+    python benchmarks/results_readme.py readme     # rewrites that table in README.md (the prose around it is typed)
 
 A grid's section is generated, never typed: tests/test_readme.py checks that the README holds exactly what this
 prints for the committed results.json and report.
@@ -57,6 +58,21 @@ def headline_table(tables: str | None = None) -> str:
     return "\n".join(block[:2] + [r for r in rows if r is not None])
 
 
+README_SECTION = "## Does HLoRA forget less"
+
+
+def readme_with_headline(text: str, table: str) -> str:
+    """README text with the one table of its comparison section replaced by `table`."""
+    start = text.index(README_SECTION)
+    end = text.index("\n## ", start + 5)
+    lines = text[start:end].split("\n")
+    rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+    if not rows or rows[-1] - rows[0] + 1 != len(rows):
+        raise ValueError(f"README.md: the section {README_SECTION!r} must hold exactly one table")
+    lines[rows[0]:rows[-1] + 1] = table.split("\n")
+    return text[:start] + "\n".join(lines) + text[end:]
+
+
 def replace_section(text: str, title: str, section: str, anchor: str) -> str:
     """`text` with the section starting at `title` replaced by `section` (inserted before `anchor` if absent)."""
     start = text.find(title)
@@ -68,7 +84,7 @@ def replace_section(text: str, title: str, section: str, anchor: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("section", choices=["heldout", "headline"])
+    ap.add_argument("section", choices=["heldout", "headline", "readme"])
     args = ap.parse_args(argv)
     if args.section == "headline":
         print(headline_table())
@@ -77,6 +93,12 @@ def main(argv=None) -> int:
     from hlora.config import load_config
     from hlora.experiment import ExperimentConfig, plan
     from hlora.files import write_text
+
+    if args.section == "readme":
+        path = ROOT / "README.md"
+        write_text(path, readme_with_headline(path.read_text(encoding="utf-8"), headline_table()))
+        print(f"rewrote the headline table of {path.relative_to(ROOT)}")
+        return 0
 
     n = len(plan(load_config(ExperimentConfig, ROOT / "configs" / "fronts-smollm2-heldout.yaml")))
     path = ROOT / "results" / "README.md"

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -35,7 +37,7 @@ def _table_blocks(text: str) -> list[str]:
 def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path, skip_figure_drawing):
     """The acceptance of the fronts issue: results.json holds every committed record, `hlora report` on it
     rewrites the committed tables.md byte for byte, every table of the fronts section of results/README.md is in
-    it, and so is every row of the README's headline table."""
+    it."""
     import json
 
     from hlora.report import write_report
@@ -52,13 +54,6 @@ def test_readme_fronts_tables_regenerate_from_the_committed_results(tmp_path, sk
     assert blocks, "the fronts section of results/README.md has no table"
     for block in blocks:
         assert block in tables, f"results/README.md table not in the regenerated tables.md:\n{block[:300]}"
-    # The README's headline table is a selection of rows of the same report table.
-    text = README.read_text(encoding="utf-8")
-    headline = _table_blocks(text[text.index("## Does HLoRA forget less"):text.index("## Where the rest lives")])
-    assert len(headline) == 1 and len(headline[0].splitlines()) <= 14
-    lines = set(tables.splitlines())
-    for line in headline[0].splitlines():
-        assert line in lines, f"README headline row not in the regenerated tables.md: {line[:200]}"
 
 
 def test_results_readme_bench_table_is_the_committed_json_rendered():
@@ -133,7 +128,14 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     section = gen.heldout_section(len(order))
     assert f"{len(results)} of {len(order)} cells" in section.splitlines()[0] and _table_blocks(section)[0] in tables
     assert section in RESULTS_README.read_text(encoding="utf-8"), "run `python benchmarks/results_readme.py heldout`"
-    # the README's headline table, once it comes from this grid: every chosen row is in the report (a renamed
-    # row or sweep label would silently drop out of it), and it fits the README
-    head = gen.headline_table(tables).splitlines()
-    assert len(head) == 2 + len(gen.HEADLINE) <= 14 and all(line in tables.splitlines() for line in head)
+    # the README's headline table comes from this grid: every chosen row is in the report (a renamed row or sweep
+    # label would silently drop out of it), it fits the README, and the README holds exactly it
+    head = gen.headline_table(tables)
+    assert len(head.splitlines()) == 2 + len(gen.HEADLINE) <= 14
+    assert all(line in tables.splitlines() for line in head.splitlines())
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index(gen.README_SECTION):text.index("## Where the rest lives")]
+    assert _table_blocks(section) == [head], "run `python benchmarks/results_readme.py readme`"
+    assert gen.readme_with_headline(text, head) == text
+    with pytest.raises(ValueError, match="exactly one table"):
+        gen.readme_with_headline(text.replace(head, head + "\n\ntext\n\n" + head), head)
