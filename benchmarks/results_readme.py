@@ -32,8 +32,8 @@ def heldout_section(n_cells: int) -> str:
 `hlora run configs/fronts-smollm2-heldout.yaml` (resumable from its committed records): every row and front of the
 WikiText-2 grid, each row at the lr the sweep below picked, scored on SciQ test (150 items), C4 (8,192 tokens, with
 KL to Base), the battery (100 items a task) and WikiText-2 (stage ν's own text), PIQA and MedMCQA as transfer tasks.
-The headline's rows run first (seed 0, then 1 and 2). The cells so far, SciQ (the full report, tables and figures,
-is in `fronts-smollm2-heldout/report/`):
+The headline's cells run first (seed 0, then 1 and 2), then the rest of the fronts. The cells so far, SciQ (the
+full report, tables and figures, is in `fronts-smollm2-heldout/report/`):
 
 {front}
 
