@@ -3,6 +3,7 @@ it runs."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -66,8 +67,8 @@ class ExperimentConfig:
     out: str = "runs/experiment"  # work directory: run dirs, adapters, caches (never commit it)
     records: str = ""  # one JSON per finished cell (commit these); "" = OUT/records
     first: list[str] = field(default_factory=list)  # rows (or `row@point` cells) run before the others in each
-    # task, over all its seeds
-    # (the rows a headline needs land first in a grid that takes several sessions); order only, never a result
+    # task, over all its seeds (what a headline needs lands first in a grid that takes several sessions); order
+    # only, never a result
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ def run_order(cfg: ExperimentConfig, cells: list[Cell]) -> list[Cell]:
 
 
 def _same(point, value: float) -> bool:
-    return point is not None and abs(float(point) - value) <= 1e-9 * max(1.0, abs(value))
+    return point is not None and math.isclose(float(point), value, rel_tol=1e-9, abs_tol=1e-9)
 
 
 def _row_cells(cfg, row: Row, task: str, seed: int, sweep: dict) -> list[Cell]:
