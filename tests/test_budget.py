@@ -310,6 +310,98 @@ def test_perplexity_rise_and_accuracy_drop_measures_on_a_tiny_model(data):
     assert math.isfinite(proxy.measure(model)) and proxy.measure(model) != 0.0
 
 
+def test_rotation_puts_every_piece_in_one_group_of_enough_tokens():
+    from hlora.budget.dual import rotation
+
+    groups = rotation([100] * 9, 250)
+    assert sorted(i for g in groups for i in g) == list(range(9))
+    assert [len(g) for g in groups] == [3, 3, 3] and rotation([100] * 9, 250) == groups  # fixed
+    assert [len(g) for g in rotation([100] * 7, 250)] == [3, 4]  # a short last group joins the one before
+    assert rotation([10, 10], 1000) == [[0, 1]] or rotation([10, 10], 1000) == [[1, 0]]
+
+
+@pytest.mark.parametrize("kind", ["kl", "ppl_rise_pct"])
+def test_text_proxy_over_one_rotation_reads_the_budgets_own_measure(data, kind):
+    # Each measurement scores a group of whole pieces as the α search's measurer scores them (from the prefix
+    # token, within the measure's window); over one cycle the groups cover the slice, so their token-weighted
+    # mean is the measure of the whole slice (a fixed subset would be a fixed bias: dual.py)
+    from hlora.budget.dual import TextProxy
+
+    model, tok = _random_adapter()
+    sl = SliceConfig(general_val_tokens=1024, general_test_tokens=64, piece_chars=100)  # pieces shorter than 256 tokens
+    val, _ = text_slices(f"text:{data}/general.jsonl", tok, sl)
+    m = Measurer(Budget(f"text:{data}/general.jsonl", kind, 1.0), val, None, tok, window=1024).attach(model)
+    want = m.measure(1.0)
+    proxy = TextProxy(kind, val.texts, 300, window=1024)  # each piece within one window: the same tokens
+    proxy.prepare(model, tok)
+    assert proxy.window == 256  # capped at the model's length, as the measure caps it
+    assert max(len(d) for d in proxy.docs) < 256
+    n = len(proxy.groups)
+    assert n >= 3 and proxy.describe()["groups"] == n
+    values, tokens = [], []
+    for _ in range(n):
+        values.append(proxy.measure(model))
+        tokens.append(proxy.last_tokens)
+    assert min(tokens) >= 300 and sum(tokens) == want.detail["tokens"]
+    if kind == "kl":
+        got = sum(v * t for v, t in zip(values, tokens)) / sum(tokens)
+    else:  # a perplexity rise is exp of the mean NLL difference: average the log ratios
+        got = 100 * math.expm1(sum(math.log1p(v / 100) * t for v, t in zip(values, tokens)) / sum(tokens))
+    assert want.forgetting > 0 and got == pytest.approx(want.forgetting, rel=1e-4)
+    assert len(set(round(v, 9) for v in values)) > 1  # the groups differ
+    assert proxy.measure(model) == pytest.approx(values[0], rel=1e-5)  # the cycle starts again
+
+
+class _Plant:
+    """A proxy reading a fixed value, and a method with a steerable coefficient (DualController's two sides)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def prepare(self, model, tok):
+        pass
+
+    def measure(self, model):
+        return self.value
+
+    def describe(self):
+        return {}
+
+
+@pytest.mark.parametrize("anchored", [True, False])
+def test_a_coefficient_that_pulls_toward_a_start_beyond_the_budget_is_not_steered(anchored):
+    from types import SimpleNamespace
+
+    from hlora.methods.base import Method
+
+    class M(Method):
+        coefficient, coefficient_range = "phi", (1e-8, 1e8)
+        anchored_at_start = anchored
+
+    method = M.__new__(M)
+    method.cfg = SimpleNamespace(name="m", phi=1.0)
+    ctrl = DualController(_Plant(0.4), 0.05, DualConfig(every=5))  # the start forgets 8x the budget
+    ctrl.bind(method, None, None)
+    ctrl.on_step_end(None, SimpleNamespace(global_step=5), None)
+    if anchored:  # HLoRA after a stage ν that already drifted: φ stays, the trace says why
+        assert method.cfg.phi == 1.0 and "pulls toward that start" in ctrl.trace[0]["frozen"]
+        assert ctrl.summary()["frozen"] and ctrl.trace[-1]["updated"] is False
+    else:
+        assert method.cfg.phi > 1.0 and not ctrl.frozen and ctrl.trace[-1]["updated"] is True
+    ctrl = DualController(_Plant(0.0), 0.05, DualConfig(every=5))  # an anchored run starting inside: steered
+    method.cfg.phi = 1.0
+    ctrl.bind(method, None, None)
+    ctrl.on_step_end(None, SimpleNamespace(global_step=5), None)
+    assert method.cfg.phi < 1.0 and not ctrl.frozen
+
+
+def test_hlora_and_ewc_pull_toward_their_start():
+    from hlora.methods import method_class
+
+    assert method_class("hlora").anchored_at_start and method_class("ewc").anchored_at_start
+    assert not method_class("kl_general").anchored_at_start and not method_class("replay").anchored_at_start
+
+
 def test_domain_validation_comes_from_another_split(embedded_data):
     from hlora.budget.measure import domain_slices
 

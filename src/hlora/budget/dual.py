@@ -1,9 +1,10 @@
 """During training: a method's coefficient (φ, β, λ, ρ) steered as a dual variable toward a forgetting budget.
 
-Every K optimizer steps, `DualController` measures the forgetting proxy on a small fixed general validation
-batch (one forward pass without gradients; for KL the base model's log-probs are computed once, at the start,
-with the adapter disabled; for a perplexity rise the base model's NLL on the batch, once) and updates the
-coefficient from the relative violation v = clip((measured − target)/target, ±max_violation):
+Every K optimizer steps, `DualController` measures the forgetting proxy on the next few pieces of the general
+validation slice in a fixed rotation, scored as the budget's measure scores them (forward passes without
+gradients: for KL also one with the adapter disabled; for a perplexity rise the base model's NLL of every piece
+is computed once, at the start) and updates the coefficient from the relative violation
+v = clip((measured − target)/target, ±max_violation):
 
     u ← u + η·v                 (the integral: the plain dual update)
     c = T⁻¹(u + kp·v + kd·Δv)   (a proportional term, kp = 2 by default: PI control; kd = 0)
@@ -11,7 +12,7 @@ coefficient from the relative violation v = clip((measured − target)/target, �
 with u = log c for coefficients that act multiplicatively (φ, β, λ: a range bounded away from 0) and u = c/0.2
 for ρ (a share in [0, 0.9]: linear steps of 0.2·η per unit violation), clipped to the method's range
 (anti-windup: u is clipped with c, so a coefficient pinned at a bound reacts at once when the sign changes).
-The target is margin·limit (0.9 by default): the proxy batch is small and the final model is checked on the
+The target is margin·limit (0.9 by default): the proxy is small and the final model is checked on the
 validation slice by the α search anyway.
 
 Choice of η, K and kp (docs/budget.md has the study, benchmarks/dual_study.py runs it): forgetting responds to
@@ -27,6 +28,7 @@ The method reads its coefficient at every step (Method.set_coefficient); without
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ class DualConfig:
     kd: float = 0.0  # derivative gain on the violation's change between updates (PID)
     margin: float = 0.9  # aim at margin·limit
     max_violation: float = 1.0  # |relative violation| used per update at most
-    proxy_tokens: int = 512  # general tokens of the fixed proxy batch (text measures)
+    proxy_tokens: int = 512  # general tokens per proxy measurement at least: whole validation pieces (text measures)
     proxy_items: int = 64  # MCQ items of the proxy (drop_pts measures)
     start: float = 0.0  # the coefficient's starting value; 0 = the method config's value
 
@@ -104,48 +106,102 @@ class DualUpdate:
 # ----------------------------------------------------------------------------- proxies
 
 
-class TextProxy:
-    """KL(p_base ‖ p) per token, or the perplexity rise in %, on a fixed batch of general validation text."""
+def rotation(lengths: list[int], tokens: int, seed: int = 0) -> list[list[int]]:
+    """The pieces in a fixed shuffled order, cut into consecutive groups of at least `tokens` tokens (the last
+    group joins the one before it when it is short): every piece is in exactly one group."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    groups, cur, n = [], [], 0
+    for i in order:
+        cur.append(i)
+        n += lengths[i]
+        if n >= tokens:
+            groups.append(cur)
+            cur, n = [], 0
+    if cur:
+        if groups:
+            groups[-1].extend(cur)
+        else:
+            groups.append(cur)
+    return groups
 
-    def __init__(self, kind: str, texts: list[str], tokens: int, seq_len: int = 128):
+
+class TextProxy:
+    """KL(p_base ‖ p) per token, or the perplexity rise in %, on whole pieces of the general validation slice, each
+    scored as the budget's measure scores it (its first `window` tokens predicted from the prefix token: the first
+    rolling window of `hlora eval`). Each measurement takes the next group of about `tokens` tokens in a fixed
+    rotation over all pieces, so that over a cycle the proxy reads the measure of the whole slice.
+
+    Why: on SmolLM2 (C4, EWC-LoRA after 100 SciQ steps, validation measure 0.027 nats/token) a fixed batch read
+    0.049 when packed into 128-token training blocks (short contexts forget more) and 0.015-0.044 as one, two,
+    four or eight whole pieces (a piece's forgetting depends on its document): any fixed subset is a fixed bias
+    that the controller's integral term turns into a model held far inside, or outside, its budget. A rotating
+    subset is noisy instead, and the integral averages the noise out. KL needs the base model's log-probs of
+    the group: they are computed with the adapter disabled at each measurement (two forward passes) rather
+    than kept for the whole slice (8,192 tokens × 49,152 vocabulary = 1.6 GB in fp32)."""
+
+    def __init__(self, kind: str, texts: list[str], tokens: int, window: int = 512):
         if kind not in ("kl", "ppl_rise_pct"):
             raise ValueError(f"TextProxy: kind must be kl or ppl_rise_pct, got {kind!r}")
-        self.kind, self.texts, self.tokens, self.seq_len = kind, texts, tokens, seq_len
-        self.ids = self.base_lp = self.base_nll = None
+        self.kind, self.texts, self.tokens, self.window = kind, texts, tokens, window
+        self.docs = self.groups = self.base_nll = None
+        self.measured = 0  # measurements so far (the next group is groups[measured % len(groups)])
+        self.last_tokens = 0
 
     def prepare(self, model, tok) -> None:
-        from ..data.packing import pack
-        from ..util import adapter_disabled, model_device
+        from ..evaluate.engine import resolve_max_length
+        from ..evaluate.requests import encode_docs, prefix_token_id
+        from ..util import adapter_disabled
 
-        seq = max(2, min(self.seq_len, self.tokens))
-        ds = pack(tok, self.texts, seq, "dual proxy")
-        n = max(1, min(len(ds), math.ceil(self.tokens / seq)))
-        self.ids = ds.blocks[:n].to(model_device(model))
-        with adapter_disabled(model):
-            lp = self._logprobs(model)
-        if self.kind == "kl":
-            self.base_lp = lp
-        else:
-            self.base_nll = self._nll(lp)
+        self.window = max(1, min(self.window, resolve_max_length(model, tok)))  # as the measure caps it
+        self.docs = [d[0][: self.window] for d in encode_docs(tok, self.texts, 0) if d[0]]
+        if not self.docs:
+            raise ConfigError("dual proxy: the general validation slice has no tokens")
+        self.prefix = prefix_token_id(tok)
+        self.groups = rotation([len(d) for d in self.docs], self.tokens)
+        if self.kind == "ppl_rise_pct":  # the base NLL of every piece, once (a number per piece)
+            with adapter_disabled(model):
+                self.base_nll = {}
+                for g in self.groups:
+                    nll, _ = self._scores(model, g)
+                    self.base_nll.update(zip(g, nll))
 
-    def _logprobs(self, model) -> torch.Tensor:
-        from ..util import eval_mode
+    def _scores(self, model, group: list[int]) -> tuple[list[float], torch.Tensor]:
+        """Per piece of `group`: summed NLL of its tokens; and the log-probs at all its target positions."""
+        from ..util import eval_mode, model_device
 
+        rows = [self.docs[i] for i in group]
+        ids = torch.full((len(rows), max(map(len, rows))), self.prefix, dtype=torch.long)  # right-padded, masked
+        targets, mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        for r, d in enumerate(rows):
+            ids[r, : len(d)] = torch.tensor([self.prefix] + d[:-1])
+            targets[r, : len(d)] = torch.tensor(d)
+            mask[r, : len(d)] = True
+        dev = model_device(model)
+        ids, targets, mask = ids.to(dev), targets.to(dev), mask.to(dev)
         with torch.no_grad(), eval_mode(model):
-            logits = model(input_ids=self.ids).logits[:, :-1]
-        return F.log_softmax(logits.float(), dim=-1)
-
-    def _nll(self, lp: torch.Tensor) -> float:
-        return float(-lp.gather(-1, self.ids[:, 1:, None]).mean())
+            lp = F.log_softmax(model(input_ids=ids, attention_mask=mask.long()).logits.float(), dim=-1)
+        nll = -(lp.gather(-1, targets[..., None])[..., 0] * mask).sum(-1)
+        return nll.tolist(), lp[mask]
 
     def measure(self, model) -> float:
-        lp = self._logprobs(model)
+        from ..util import adapter_disabled
+
+        g = self.groups[self.measured % len(self.groups)]
+        self.measured += 1
+        self.last_tokens = sum(len(self.docs[i]) for i in g)
+        nll, lp = self._scores(model, g)
         if self.kind == "kl":
-            return float((self.base_lp.exp() * (self.base_lp - lp)).sum(-1).mean())
-        return 100.0 * math.expm1(self._nll(lp) - self.base_nll)
+            with adapter_disabled(model):
+                _, base_lp = self._scores(model, g)
+            return float((base_lp.exp() * (base_lp - lp)).sum(-1).sum()) / self.last_tokens
+        return 100.0 * math.expm1((sum(nll) - sum(self.base_nll[i] for i in g)) / self.last_tokens)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "tokens": int(self.ids.numel()) if self.ids is not None else self.tokens}
+        d = {"kind": self.kind, "tokens": self.tokens, "window": self.window}
+        if self.groups is not None:
+            d.update(groups=len(self.groups), pieces=len(self.docs))
+        return d
 
 
 class MCQProxy:
@@ -173,11 +229,11 @@ class MCQProxy:
         return {"kind": "drop_pts", "items": len(self.items)}
 
 
-def make_proxy(budget: Budget, val: SliceTask | list[SliceTask], cfg: DualConfig, seq_len: int = 128):
-    """The proxy of `budget` on (a part of) its validation slice."""
+def make_proxy(budget: Budget, val: SliceTask | list[SliceTask], cfg: DualConfig, window: int = 512):
+    """The proxy of `budget` on (a part of) its validation slice; `window`: the measure's (eval.ppl_window)."""
     if budget.kind in ("kl", "ppl_rise_pct"):
         (task,) = val if isinstance(val, list) else [val]
-        return TextProxy(budget.kind, task.texts, cfg.proxy_tokens, seq_len)
+        return TextProxy(budget.kind, task.texts, cfg.proxy_tokens, window)
     tasks = val if isinstance(val, list) else [val]
     per = max(1, cfg.proxy_items // len(tasks))
     return MCQProxy([it for t in tasks for it in t.items[:per]])
@@ -198,6 +254,7 @@ class DualController(TrainerCallback):
         self.method = self.model = self.rule = None
         self.out = None
         self.seconds = 0.0
+        self.frozen = ""  # why the coefficient is not steered (set in bind), else ""
 
     def bind(self, method, model, tok, out=None) -> None:
         name = getattr(method, "coefficient", "")
@@ -211,14 +268,23 @@ class DualController(TrainerCallback):
         method.set_coefficient(self.rule.value)
         t0 = time.perf_counter()
         self.proxy.prepare(model, tok)
+        m0 = self.proxy.measure(model)
         self.seconds += time.perf_counter() - t0
-        self._record(0, self.proxy.measure(model), update=False)
+        if getattr(method, "anchored_at_start", False) and m0 >= self.rule.target:
+            # e.g. HLoRA after a stage ν whose own drift already exceeds a KL-to-base budget: raising φ only ties
+            # the model harder to that drift (on SmolLM2 φ climbed 1 → 6e4 while the KL rose), so it is kept.
+            self.frozen = (f"the run starts at {m0:.4g} on the proxy, at or above the target {self.rule.target:.4g}, and "
+                           f"{method.cfg.name}'s penalty pulls toward that start, not toward the base model: {name} "
+                           f"is kept at {self.rule.value:.4g} (the α search scales the result)")
+        self._record(0, m0, update=False)
 
     def _record(self, step: int, measured: float, update: bool, final: bool = False) -> None:
         rec = {"step": step, "coefficient": self.name, "value": self.rule.value, "proxy": measured,
                "target": self.rule.target, "limit": self.limit, "updated": update}
         if final:
             rec["final"] = True
+        if step == 0 and self.frozen:
+            rec["frozen"] = self.frozen
         self.trace.append(rec)
         if self.out is not None:
             append_jsonl(self.out / "dual.jsonl", rec)
@@ -228,9 +294,10 @@ class DualController(TrainerCallback):
             return
         t0 = time.perf_counter()
         measured = self.proxy.measure(self.model)
-        self.method.set_coefficient(self.rule.update(measured))
+        if not self.frozen:
+            self.method.set_coefficient(self.rule.update(measured))
         self.seconds += time.perf_counter() - t0
-        self._record(state.global_step, measured, update=True)
+        self._record(state.global_step, measured, update=not self.frozen)
 
     def on_train_end(self, args, state, control, **kw):
         if self.rule is None or (self.trace and self.trace[-1]["step"] == state.global_step):
@@ -248,5 +315,6 @@ class DualController(TrainerCallback):
         return {"coefficient": getattr(self, "name", ""), "final": self.rule.value if self.rule else None,
                 "target": self.rule.target if self.rule else None, "measurements": self.measurements,
                 "seconds": round(self.seconds, 3), "proxy": self.proxy.describe(),
+                **({"frozen": self.frozen} if self.frozen else {}),
                 "settings": {k: getattr(self.cfg, k) for k in ("every", "eta", "kp", "kd", "margin")},
                 "trace": self.trace}

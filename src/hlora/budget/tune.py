@@ -177,7 +177,6 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
     base_cache: dict = {}
     measurer = Measurer(b, gen_val, dom_val, tok, batch_size=ecfg.batch_size, window=ecfg.ppl_window,
                         base_cache=base_cache)
-    seq_len = cfg.general_seq_len or cfg.train.seq_len
     echo(f"hlora tune: budget {b}; candidates: {', '.join(c[0] for c in _candidates(cfg))}")
 
     nu = {"steps": 0, "train_seconds": 0.0}
@@ -201,9 +200,10 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         elif cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
         dcfg = dataclasses.replace(cfg.dual, start=cfg.tune.start.get(name, cfg.dual.start))
-        steer = {"budget": to_dict(b), "dual": to_dict(dcfg), "slices": to_dict(cfg.slices)} if steered else None
+        steer = ({"budget": to_dict(b), "dual": to_dict(dcfg), "slices": to_dict(cfg.slices),
+                  "window": ecfg.ppl_window} if steered else None)  # the proxy scores pieces in the measure's window
         rc = _placed(cfg, _run_config(cfg, **changes), label, steer)
-        ctrl = DualController(make_proxy(b, gen_val, dcfg, seq_len), b.limit, dcfg) if steered else None
+        ctrl = DualController(make_proxy(b, gen_val, dcfg, ecfg.ppl_window), b.limit, dcfg) if steered else None
         echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
         run, reused = _stage(rc, "domain", [ctrl] if ctrl else [])
         steps, train_s = _steps(run)
@@ -213,9 +213,12 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
             if reused:  # the controller ran in an earlier call: its trace is in the run directory
                 trace = _read_trace(run)
                 rec["dual"] = {"coefficient": trace[0]["coefficient"] if trace else "",
-                               "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True}
+                               "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True,
+                               **({"frozen": trace[0]["frozen"]} if trace and "frozen" in trace[0] else {})}
             else:
                 rec["dual"] = ctrl.summary()
+            if rec["dual"].get("frozen"):
+                echo(f"  [{label}] not steered: {rec['dual']['frozen']}")
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
         model = load_adapter(load_model(cfg.model)[0], run / "adapter")
         measurer.attach(model)

@@ -63,6 +63,9 @@ class Method:
     # (budget/dual.py) may steer during training, and the range it may take; "" = the method has none.
     coefficient: ClassVar[str] = ""
     coefficient_range: ClassVar[tuple[float, float]] = (0.0, float("inf"))
+    # Whether the penalty pulls toward the weights the stage starts from (HLoRA: ΔW^ν; EWC: θ at the start) rather
+    # than toward the base model: then no coefficient brings a distance to the base model below the start's own.
+    anchored_at_start: ClassVar[bool] = False
     # Whether `hlora tune --method auto` tries the method unless the user lists the candidates (`tune.allow`).
     tune_by_default: ClassVar[bool] = True
     # The files the method writes into a run directory beside adapter/, {file name: kind}; a stage-ν method's

@@ -58,6 +58,7 @@ class EWC(Method):
     config_class = EWCConfig
     compare_full_fisher = True
     coefficient, coefficient_range = "lam", (1e-6, 1e10)
+    anchored_at_start = True
 
     def bench_variant(self, model, omega, domain, general):
         from .fisher import EWCPenalty

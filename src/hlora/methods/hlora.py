@@ -83,6 +83,7 @@ class HLoRA(Method):
     stages = ("general", "domain")
     writes = {IMPORTANCE_FILE: "si"}  # stage ν: SI importance Ω (and ΔW^ν) beside the adapter
     coefficient, coefficient_range = "phi", (1e-8, 1e8)
+    anchored_at_start = True
 
     def bench_variant(self, model, omega, domain, general):
         from ..importance import Importance
