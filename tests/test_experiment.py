@@ -169,7 +169,13 @@ def test_interrupted_cell_continues(tmp_path, monkeypatch):
     c = again["cost"]
     assert c["wall_seconds"] == pytest.approx(c["train_seconds"] + c["eval_seconds"])
     assert c["wall_seconds"] > c["process_seconds"]
-    assert c["train_seconds"] == rec["cost"]["train_seconds"] > 0 and "process_seconds" not in rec["cost"]
+    assert c["train_seconds"] == rec["cost"]["train_seconds"] > 0
+    # the resumed run's training began in the interrupted process, so its wall time is at least its parts; when the
+    # earlier part outweighs this process's own time (timing decides), that time is kept as process_seconds
+    r = rec["cost"]
+    assert r["wall_seconds"] >= r["train_seconds"] + r["eval_seconds"] - 1e-9
+    if "process_seconds" in r:
+        assert r["wall_seconds"] == pytest.approx(r["train_seconds"] + r["eval_seconds"]) > r["process_seconds"]
     # a WiSE-FT cell of that adapter counts its own evaluation, not the training of the adapter it scales
     summary = run_dir / "summary.json"
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "train_seconds": 1000.0}))
