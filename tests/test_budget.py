@@ -388,6 +388,14 @@ def test_a_coefficient_that_pulls_toward_a_start_beyond_the_budget_is_not_steere
         assert ctrl.summary()["frozen"] and ctrl.trace[-1]["updated"] is False
     else:
         assert method.cfg.phi > 1.0 and not ctrl.frozen and ctrl.trace[-1]["updated"] is True
+    plant = _Plant(0.4)
+    ctrl = DualController(plant, 0.05, DualConfig(every=5))
+    method.cfg.phi = 1.0
+    ctrl.bind(method, None, None)
+    plant.value = 0.01  # the domain stage itself brings the run inside (a perplexity that falls): steered from then on
+    ctrl.on_step_end(None, SimpleNamespace(global_step=5), None)
+    assert method.cfg.phi < 1.0 and not ctrl.frozen and ctrl.trace[-1]["updated"] is True
+    assert ctrl.trace[-1].get("thawed") is (True if anchored else None)
     ctrl = DualController(_Plant(0.0), 0.05, DualConfig(every=5))  # an anchored run starting inside: steered
     method.cfg.phi = 1.0
     ctrl.bind(method, None, None)

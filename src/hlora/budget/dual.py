@@ -275,12 +275,13 @@ class DualController(TrainerCallback):
             # the model harder to that drift (on SmolLM2 φ climbed 1 → 6e4 while the KL rose), so it is kept.
             self.frozen = (f"the run starts at {m0:.4g} on the proxy, at or above the target {self.rule.target:.4g}, and "
                            f"{method.cfg.name}'s penalty pulls toward that start, not toward the base model: {name} "
-                           f"is kept at {self.rule.value:.4g} (the α search scales the result)")
+                           f"is kept at {self.rule.value:.4g} until the proxy comes below the target (the α search "
+                           "scales the result)")
         self._record(0, m0, update=False)
 
-    def _record(self, step: int, measured: float, update: bool, final: bool = False) -> None:
+    def _record(self, step: int, measured: float, update: bool, final: bool = False, **extra) -> None:
         rec = {"step": step, "coefficient": self.name, "value": self.rule.value, "proxy": measured,
-               "target": self.rule.target, "limit": self.limit, "updated": update}
+               "target": self.rule.target, "limit": self.limit, "updated": update, **extra}
         if final:
             rec["final"] = True
         if step == 0 and self.frozen:
@@ -294,10 +295,13 @@ class DualController(TrainerCallback):
             return
         t0 = time.perf_counter()
         measured = self.proxy.measure(self.model)
+        thawed = bool(self.frozen) and measured < self.rule.target
+        if thawed:  # the domain stage itself brought the run inside (e.g. a perplexity that falls): steer from here
+            self.frozen = ""
         if not self.frozen:
             self.method.set_coefficient(self.rule.update(measured))
         self.seconds += time.perf_counter() - t0
-        self._record(state.global_step, measured, update=not self.frozen)
+        self._record(state.global_step, measured, update=not self.frozen, **({"thawed": True} if thawed else {}))
 
     def on_train_end(self, args, state, control, **kw):
         if self.rule is None or (self.trace and self.trace[-1]["step"] == state.global_step):
