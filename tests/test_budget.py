@@ -396,6 +396,7 @@ def test_a_coefficient_that_pulls_toward_a_start_beyond_the_budget_is_not_steere
     ctrl.on_step_end(None, SimpleNamespace(global_step=5), None)
     assert method.cfg.phi < 1.0 and not ctrl.frozen and ctrl.trace[-1]["updated"] is True
     assert ctrl.trace[-1].get("thawed") is (True if anchored else None)
+    assert ctrl.summary().get("thawed_at") == (5 if anchored else None)  # the record keeps why, and from when
     ctrl = DualController(_Plant(0.0), 0.05, DualConfig(every=5))  # an anchored run starting inside: steered
     method.cfg.phi = 1.0
     ctrl.bind(method, None, None)

@@ -168,19 +168,17 @@ class TextProxy:
 
     def _scores(self, model, group: list[int]) -> tuple[list[float], torch.Tensor]:
         """Per piece of `group`: summed NLL of its tokens; and the log-probs at all its target positions."""
+        from ..evaluate.engine import _right_padded
         from ..util import eval_mode, model_device
 
         rows = [self.docs[i] for i in group]
-        ids = torch.full((len(rows), max(map(len, rows))), self.prefix, dtype=torch.long)  # right-padded, masked
-        targets, mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-        for r, d in enumerate(rows):
-            ids[r, : len(d)] = torch.tensor([self.prefix] + d[:-1])
-            targets[r, : len(d)] = torch.tensor(d)
-            mask[r, : len(d)] = True
+        ids, mask = _right_padded([[self.prefix] + d[:-1] for d in rows], self.prefix)  # padding is masked out
+        targets, _ = _right_padded(rows, 0)
         dev = model_device(model)
         ids, targets, mask = ids.to(dev), targets.to(dev), mask.to(dev)
         with torch.no_grad(), eval_mode(model):
-            lp = F.log_softmax(model(input_ids=ids, attention_mask=mask.long()).logits.float(), dim=-1)
+            lp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        mask = mask.bool()
         nll = -(lp.gather(-1, targets[..., None])[..., 0] * mask).sum(-1)
         return nll.tolist(), lp[mask]
 
@@ -242,6 +240,16 @@ def make_proxy(budget: Budget, val: SliceTask | list[SliceTask], cfg: DualConfig
 # ----------------------------------------------------------------------------- the callback
 
 
+def kept_note(trace: list[dict]) -> dict:
+    """{"frozen": why, "thawed_at": the step it was steered again from (if it was)} when the trace kept its
+    coefficient at the start; else {}. Read from the trace, so a reused run's record says the same."""
+    if not trace or "frozen" not in trace[0]:
+        return {}
+    thawed = next((r["step"] for r in trace if r.get("thawed")), None)
+    return {"frozen": trace[0]["frozen"], **({"thawed_at": thawed} if thawed is not None else {})}
+
+
+
 class DualController(TrainerCallback):
     """Steers the bound method's coefficient toward `limit` (run_stage binds it: `bind(method, model, tok, out)`).
 
@@ -277,15 +285,12 @@ class DualController(TrainerCallback):
                            f"{method.cfg.name}'s penalty pulls toward that start, not toward the base model: {name} "
                            f"is kept at {self.rule.value:.4g} until the proxy comes below the target (the α search "
                            "scales the result)")
-        self._record(0, m0, update=False)
+        self._record(0, m0, update=False, **({"frozen": self.frozen} if self.frozen else {}))
 
-    def _record(self, step: int, measured: float, update: bool, final: bool = False, **extra) -> None:
+    def _record(self, step: int, measured: float, update: bool, **extra) -> None:
+        """One trace line; `extra`: final, frozen (why the coefficient is kept), thawed (steered again from here)."""
         rec = {"step": step, "coefficient": self.name, "value": self.rule.value, "proxy": measured,
                "target": self.rule.target, "limit": self.limit, "updated": update, **extra}
-        if final:
-            rec["final"] = True
-        if step == 0 and self.frozen:
-            rec["frozen"] = self.frozen
         self.trace.append(rec)
         if self.out is not None:
             append_jsonl(self.out / "dual.jsonl", rec)
@@ -319,6 +324,6 @@ class DualController(TrainerCallback):
         return {"coefficient": getattr(self, "name", ""), "final": self.rule.value if self.rule else None,
                 "target": self.rule.target if self.rule else None, "measurements": self.measurements,
                 "seconds": round(self.seconds, 3), "proxy": self.proxy.describe(),
-                **({"frozen": self.frozen} if self.frozen else {}),
+                **kept_note(self.trace),
                 "settings": {k: getattr(self.cfg, k) for k in ("every", "eta", "kp", "kd", "margin")},
                 "trace": self.trace}

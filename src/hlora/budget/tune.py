@@ -31,7 +31,7 @@ from ..files import atomic_dir, write_json
 from ..methods import needs_general_run, steerable
 from ..util import plus_minus
 from .alpha import AlphaSearchConfig, search_alpha
-from .dual import DualConfig, DualController, make_proxy
+from .dual import DualConfig, DualController, kept_note, make_proxy
 from .measure import Budget, BudgetError, Measurer, SliceConfig, domain_slices, mcq_slices, text_slices
 
 
@@ -214,11 +214,13 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
                 trace = _read_trace(run)
                 rec["dual"] = {"coefficient": trace[0]["coefficient"] if trace else "",
                                "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True,
-                               **({"frozen": trace[0]["frozen"]} if trace and "frozen" in trace[0] else {})}
+                               **kept_note(trace)}
             else:
                 rec["dual"] = ctrl.summary()
             if rec["dual"].get("frozen"):
-                echo(f"  [{label}] not steered: {rec['dual']['frozen']}")
+                thawed = rec["dual"].get("thawed_at")
+                echo(f"  [{label}] not steered: {rec['dual']['frozen']}"
+                     + (f"; steered again from step {thawed}" if thawed is not None else ""))
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
         model = load_adapter(load_model(cfg.model)[0], run / "adapter")
         measurer.attach(model)
