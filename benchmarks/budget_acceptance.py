@@ -11,7 +11,8 @@ is copied to `--records`/<budget>-s<seed>.json: commit it. A pair whose record i
 the candidates' runs, the adapters) stays under `--runs` and is never committed. A tune that resolves no candidate
 still writes its tune.json (the record of what it tried): it is kept, since "no model within the budget" is an
 outcome the acceptance counts. Runs go budget-major (every seed of a budget before the next budget), so the
-binding KL budgets land first.
+binding KL budgets land first. `MEASURE=LIMIT@REGIME` runs a budget in another regime (REGIMES below; the record is
+named with it).
 """
 from __future__ import annotations
 
@@ -35,14 +36,27 @@ MU = ["--data", "sciq", "--method", "auto", "--max-steps", "100", "--lr", "1e-3"
       "--seq-len", "128", "tune.start={hlora: 1.0, kl_general: 0.1, ewc: 5000, replay: 0.25}",
       "tune.lr={none: 1e-3, hlora: 3e-3, replay: 3e-3, kl_general: 1e-3, ewc: 1e-3}",
       "slices.domain_test_items=150"]
-# KL binds in this regime (plain LoRA(μ) 0.24 nats/token on C4); C4 perplexity hardly rises (+0.8 % for plain LoRA
-# at its lr, below Base for HLoRA and KL-to-base), so its levels sit where at least plain LoRA is constrained.
-BUDGETS = ["c4_kl=0.02", "c4_kl=0.05", "c4_kl=0.1", "c4_ppl_rise_pct=0.5", "c4_ppl_rise_pct=1", "c4_ppl_rise_pct=2"]
+# A budget may name a regime (`MEASURE=LIMIT@REGIME`): overrides appended to its tune line. KL binds at the picked
+# lrs (plain LoRA(μ) 0.24 nats/token on C4). C4 perplexity does not: on the validation slice plain LoRA at 1e-3
+# reads -2.7 % (results/budget-smollm2/c4_ppl_rise_pct=1-s0.json), so no rise budget constrains anything there.
+# The perplexity budgets therefore run every candidate at 3e-3, the top of the lr sweep, where plain LoRA(μ)'s C4
+# perplexity rises (+5.5 % on the grid's test slice, results/lr-smollm2/) and every row is at least as accurate.
+REGIMES = {"lr3e-3": ["tune.lr={none: 3e-3, hlora: 3e-3, replay: 3e-3, kl_general: 3e-3, ewc: 3e-3}"]}
+BUDGETS = ["c4_kl=0.02", "c4_kl=0.05", "c4_kl=0.1",
+           "c4_ppl_rise_pct=0.5@lr3e-3", "c4_ppl_rise_pct=1@lr3e-3", "c4_ppl_rise_pct=2@lr3e-3"]
+
+
+def split_budget(spec: str) -> tuple[str, list[str]]:
+    """("MEASURE=LIMIT", the regime's overrides) of a budget spec with an optional `@REGIME`."""
+    budget, _, regime = spec.partition("@")
+    if regime and regime not in REGIMES:
+        raise SystemExit(f"budget {spec!r}: unknown regime {regime!r}; known: {', '.join(REGIMES)}")
+    return budget, list(REGIMES.get(regime, []))
 
 
 def record_name(budget: str, seed: int) -> str:
     """The file name of a pair's record and run folder (a `text:FILE` measure's path flattened)."""
-    return f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', budget)}-s{seed}.json"
+    return f"{re.sub(r'[^A-Za-z0-9_.=@-]+', '_', budget)}-s{seed}.json"
 
 
 def todo(budgets: list[str], seeds: list[int], records: Path) -> list[tuple[str, int]]:
@@ -55,10 +69,11 @@ def commands(budget: str, seed: int, runs: Path, hlora: list[str], extra_nu: lis
     """(stage ν, tune) command lines for one pair; stage ν is shared by every budget of a seed. `extra_*`: flags and
     overrides appended (they win), e.g. another model."""
     nu = runs / f"nu-s{seed}"
+    measure, regime = split_budget(budget)
     general = [*hlora, "general", *NU, *LORA, "--seed", str(seed), f"out={nu}", *extra_nu]
-    tune = [*hlora, "tune", *MU, *LORA, "--seed", str(seed), "--budget", budget,
+    tune = [*hlora, "tune", *MU, *LORA, "--seed", str(seed), "--budget", measure,
             "--init-adapter", str(nu / "adapter"), "--importance", str(nu / "importance.safetensors"),
-            f"tune.runs_dir={runs / f'shared-s{seed}'}", "--out", str(_out(runs, budget, seed)), *extra_tune]
+            f"tune.runs_dir={runs / f'shared-s{seed}'}", "--out", str(_out(runs, budget, seed)), *regime, *extra_tune]
     return general, tune
 
 
@@ -94,7 +109,8 @@ def run_pair(budget: str, seed: int, runs: Path, records: Path, hlora: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated MEASURE=LIMIT")
+    p.add_argument("--budgets", default=",".join(BUDGETS), help="comma-separated MEASURE=LIMIT[@REGIME] "
+                   f"(regimes: {', '.join(REGIMES)})")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--records", default="results/budget-smollm2", help="committed tune.json copies (done = here)")
     p.add_argument("--runs", default="runs/tune", help="work: stage ν, candidate runs, adapters (never committed)")
@@ -103,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-args", default="", help="flags/overrides appended to every tune command (one string)")
     a = p.parse_args(argv)
     budgets = [b.strip() for b in a.budgets.split(",") if b.strip()]
+    for b in budgets:  # an unknown regime fails before anything runs
+        split_budget(b)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     records, runs = Path(a.records), Path(a.runs)
     hlora = [sys.executable, "-m", "hlora.cli"]  # this interpreter's hlora, whatever PATH says

@@ -51,6 +51,24 @@ def test_commands_are_what_the_cli_accepts(acc, tmp_path):
     assert cfg.tune.start == {"hlora": 1.0, "kl_general": 0.1, "ewc": 5000.0, "replay": 0.25}
 
 
+def test_a_regime_changes_the_tune_line_and_the_record_name(acc, tmp_path):
+    """`@lr3e-3` (the perplexity budgets' regime) trains every candidate at 3e-3, under its own record name."""
+    from hlora.budget.tune import config_from_args
+    from hlora.cli import _overrides, parse_args
+
+    _, tune = acc.commands("c4_ppl_rise_pct=1@lr3e-3", 0, tmp_path, ["hlora"])
+    t = parse_args(tune[1:])
+    cfg = config_from_args(t, _overrides(t))
+    assert (cfg.budget.kind, cfg.budget.limit) == ("ppl_rise_pct", 1.0)
+    assert {k: float(v) for k, v in cfg.tune.lr.items()} == dict.fromkeys(
+        ["none", "hlora", "replay", "kl_general", "ewc"], 3e-3)
+    assert acc.record_name("c4_ppl_rise_pct=1@lr3e-3", 0) == "c4_ppl_rise_pct=1@lr3e-3-s0.json"
+    assert cfg.out == str(tmp_path / "c4_ppl_rise_pct=1@lr3e-3-s0") and cfg.tune.runs_dir == str(tmp_path / "shared-s0")
+    assert all(b.partition("@")[2] in ("", *acc.REGIMES) for b in acc.BUDGETS)
+    with pytest.raises(SystemExit, match="unknown regime 'fast'"):
+        acc.main(["--dry-run", "--records", str(tmp_path), "--budgets", "c4_kl=0.05@fast"])
+
+
 class FakeCLI:
     """Stands in for `hlora`: stage ν writes an adapter and importance, tune writes tune.json (or not)."""
 
