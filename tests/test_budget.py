@@ -114,6 +114,36 @@ def test_alpha_search_monotone_curve_and_alpha_one():
     assert res.chosen.alpha == 1.0 and calls == [0.0, 1.0]  # α = 1 meets it: one evaluation
 
 
+def test_alpha_search_measures_the_domain_at_the_chosen_alpha_only():
+    """With a separate domain measure, only the chosen α's accuracy is measured (it alone picks the winner); the
+    record writes the others as null, not NaN."""
+    b = 0.02
+    measure, _ = curve(lambda a: b * (a / 0.37) ** 2)
+
+    def forgetting_only(a):
+        p = measure(a)
+        p.domain_acc = p.domain_se = float("nan")
+        return p
+
+    asked = []
+
+    def domain(a):
+        asked.append(a)
+        return 0.5 + 0.3 * a, 0.01
+
+    res = search_alpha(forgetting_only, b, AlphaSearchConfig(grid=4, refine=3), domain=domain)
+    assert asked == [0.0, res.chosen.alpha] and res.chosen.domain_acc == pytest.approx(0.5 + 0.3 * res.chosen.alpha)
+    others = [p.as_dict() for p in res.points if p.alpha not in (0.0, res.chosen.alpha)]
+    assert len(others) >= 4 and all(d["domain_acc"] is None and d["domain_se"] is None for d in others)
+    json.dumps(res.as_dict(), allow_nan=False)
+    base = Point(alpha=0.0, forgetting=0.0, se=0.0, domain_acc=0.4, domain_se=0.02)
+    res = search_alpha(forgetting_only, b * 1e-6, AlphaSearchConfig(on_unresolvable="nearest", min_snr=0),
+                       base=base, domain=domain)  # only the base meets it: its accuracy is already measured
+    assert res.chosen.alpha == 0.0 and res.chosen.domain_acc == 0.4 and len(asked) == 2
+    res = search_alpha(forgetting_only, b, domain=domain)  # no base given: its point gets its accuracy too
+    assert res.points[0].alpha == 0.0 and res.points[0].domain_acc == 0.5 and asked[-2:] == [0.0, res.chosen.alpha]
+
+
 def test_budget_only_the_base_model_meets_is_an_error_or_the_nearest_model_with_a_warning():
     b = 0.01
     measure, _ = curve(lambda a: b * a / 0.03)  # only α <= 0.03 is within budget
@@ -252,8 +282,9 @@ def test_alpha_search_finds_a_planted_budget_on_a_tiny_model(tmp_path, data):
     dense = {a: m.measure(a).forgetting for a in (0.3, 0.55, 0.6, 0.65, 1.0)}
     assert all(dense[x] < dense[y] for x, y in zip(sorted(dense), sorted(dense)[1:]))  # KL grows with α here
     b.limit = dense[0.6]  # plant the optimum at α = 0.6
-    res = search_alpha(m, b.limit, AlphaSearchConfig(grid=4, refine=4))
+    res = search_alpha(m.forgetting_at, b.limit, AlphaSearchConfig(grid=4, refine=4), domain=m.domain_at)
     assert 0.6 - 1 / 64 <= res.chosen.alpha <= 0.6 + 1e-9
+    assert res.chosen.domain_acc == pytest.approx(m.measure(res.chosen.alpha).domain_acc)  # measured at α, as tune does
     assert res.chosen.forgetting <= b.limit and res.chosen.se > 0
     assert res.points[0].alpha == 0.0 and not math.isnan(res.points[0].domain_acc)  # the base model's point
     # the saved adapter, ΔW scaled by α, is the chosen model

@@ -10,7 +10,8 @@ not bisect [0, 1] blindly:
    1/(grid·2^refine)); the answer is the last feasible point.
 
 A curve that dips back under the budget between two grid points above the bracket is missed; a finer grid
-finds it. Every evaluated α is recorded with its forgetting, standard error, domain accuracy and seconds.
+finds it. Every evaluated α is recorded with its forgetting, standard error and seconds, and its domain accuracy
+where it was measured (given a separate `domain` measure, at the chosen α only).
 
 Unresolvable budgets are never a silent miss: if only α < alpha_min meets it (the base model, in effect), or
 the budget is smaller than `min_snr` standard errors of the measure at the chosen α (the validation slice cannot
@@ -71,11 +72,14 @@ class AlphaResult:
 
 
 def search_alpha(measure: Callable[[float], Point], limit: float, cfg: AlphaSearchConfig | None = None,
-                 base: Point | None = None, what: str = "forgetting") -> AlphaResult:
+                 base: Point | None = None, what: str = "forgetting",
+                 domain: Callable[[float], tuple[float, float]] | None = None) -> AlphaResult:
     """The largest α whose `measure(α).forgetting` is within `limit` (see the module docstring).
 
     `measure(α)` returns a Point (a Measurer, or any function: tests inject synthetic curves). `base`: the α = 0
-    point when already measured (else it is measured: the base model's domain accuracy is part of the record)."""
+    point when already measured (else it is measured: the base model's domain accuracy is part of the record).
+    `domain(α)` -> (accuracy, s.e.): given when `measure` leaves the domain accuracy out (Measurer.forgetting_at);
+    it is then measured at the chosen α only, the one point where it decides anything (which candidate wins)."""
     cfg = (cfg or AlphaSearchConfig()).check()
     if not (math.isfinite(limit) and limit > 0):
         raise ConfigError(f"budget.limit must be > 0, got {limit}")
@@ -101,7 +105,9 @@ def search_alpha(measure: Callable[[float], Point], limit: float, cfg: AlphaSear
         cache[0.0] = base
         points.append(base)
     else:
-        at(0.0)
+        b0 = at(0.0)
+        if domain is not None and math.isnan(b0.domain_acc):  # the base model's accuracy is part of the record
+            b0.domain_acc, b0.domain_se = domain(0.0)
     if at(1.0).feasible:
         lo, hi = 1.0, 1.0
     else:
@@ -119,6 +125,10 @@ def search_alpha(measure: Callable[[float], Point], limit: float, cfg: AlphaSear
             else:
                 hi = mid
     chosen = cache[round(lo, 12)]
+    if domain is not None and math.isnan(chosen.domain_acc):
+        t = time.perf_counter()
+        chosen.domain_acc, chosen.domain_se = domain(chosen.alpha)
+        chosen.seconds += time.perf_counter() - t
     res = AlphaResult(limit=limit, chosen=chosen, points=points, bracket=(lo, hi), seconds=time.perf_counter() - t0)
     problem = unresolved(res, cfg, what)
     if problem:

@@ -300,8 +300,11 @@ class Point:
     detail: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"alpha": self.alpha, "forgetting": self.forgetting, "se": self.se, "domain_acc": self.domain_acc,
-                "domain_se": self.domain_se, "seconds": round(self.seconds, 3), "feasible": self.feasible,
+        def num(x):  # a domain accuracy not measured (the α search measures it only where it decides) is null
+            return None if isinstance(x, float) and math.isnan(x) else x
+
+        return {"alpha": self.alpha, "forgetting": self.forgetting, "se": self.se, "domain_acc": num(self.domain_acc),
+                "domain_se": num(self.domain_se), "seconds": round(self.seconds, 3), "feasible": self.feasible,
                 **({"detail": self.detail} if self.detail else {})}
 
 
@@ -366,21 +369,36 @@ class Measurer:
         r = self._eval(self.domain, kl=False)
         return r["acc"], r["acc_stderr"]
 
-    def measure(self, alpha: float | None = None) -> Point:
-        """The model at adapter scale `alpha` (None: as it stands)."""
-        t0 = time.perf_counter()
-        ctx = contextlib.nullcontext()
-        if alpha is not None and alpha != 1.0:
-            from peft.helpers import rescale_adapter_scale
+    def _scaled(self, alpha: float | None):
+        if alpha is None or alpha == 1.0:
+            return contextlib.nullcontext()
+        from peft.helpers import rescale_adapter_scale
 
-            ctx = rescale_adapter_scale(self.model, float(alpha))
-        with ctx:
+        return rescale_adapter_scale(self.model, float(alpha))
+
+    def measure(self, alpha: float | None = None, domain: bool = True) -> Point:
+        """The model at adapter scale `alpha` (None: as it stands); `domain=False` leaves its domain accuracy out
+        (NaN), for `domain_at` to measure later."""
+        t0 = time.perf_counter()
+        acc = acc_se = float("nan")
+        with self._scaled(alpha):
             if alpha == 0.0:  # the base model: no forgetting by definition; measure its domain accuracy only
                 v, se, detail = 0.0, 0.0, {}
             else:
                 v, se, detail = self.forgetting()
-            acc, acc_se = self.domain_acc()
+            if domain:
+                acc, acc_se = self.domain_acc()
         return Point(alpha=1.0 if alpha is None else float(alpha), forgetting=v, se=se, domain_acc=acc,
                      domain_se=acc_se, seconds=time.perf_counter() - t0, detail=detail)
 
     __call__ = measure
+
+    def forgetting_at(self, alpha: float) -> Point:
+        """The forgetting alone at scale `alpha`: what the α search decides by (the domain evaluation is half a point's
+        cost, and only the chosen α's decides anything)."""
+        return self.measure(alpha, domain=False)
+
+    def domain_at(self, alpha: float) -> tuple[float, float]:
+        """(domain accuracy, its standard error) at adapter scale `alpha`."""
+        with self._scaled(alpha):
+            return self.domain_acc()

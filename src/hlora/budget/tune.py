@@ -227,7 +227,8 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         if base_point is None:
             base_point = measurer.measure(0.0)
         try:
-            res = search_alpha(measurer, b.limit, cfg.search, base=dataclasses.replace(base_point), what=b.measure)
+            res = search_alpha(measurer.forgetting_at, b.limit, cfg.search, base=dataclasses.replace(base_point),
+                               what=b.measure, domain=measurer.domain_at)
             rec["search"] = res.as_dict()
         except BudgetError as e:
             res = e.result
