@@ -52,7 +52,8 @@ def test_commands_are_what_the_cli_accepts(acc, tmp_path):
 
 
 def test_a_regime_changes_the_tune_line_and_the_record_name(acc, tmp_path):
-    """`@lr3e-3` (the perplexity budgets' regime) trains every candidate at 3e-3, under its own record name."""
+    """`@lr3e-3` (the perplexity budgets' regime) trains every candidate at 3e-3 and measures on 4× the slices,
+    under its own record name."""
     from hlora.budget.tune import config_from_args
     from hlora.cli import _overrides, parse_args
 
@@ -62,6 +63,7 @@ def test_a_regime_changes_the_tune_line_and_the_record_name(acc, tmp_path):
     assert (cfg.budget.kind, cfg.budget.limit) == ("ppl_rise_pct", 1.0)
     assert {k: float(v) for k, v in cfg.tune.lr.items()} == dict.fromkeys(
         ["none", "hlora", "replay", "kl_general", "ewc"], 3e-3)
+    assert (cfg.slices.general_val_tokens, cfg.slices.general_test_tokens) == (32768, 32768)
     assert acc.record_name("c4_ppl_rise_pct=1@lr3e-3", 0) == "c4_ppl_rise_pct=1@lr3e-3-s0.json"
     assert cfg.out == str(tmp_path / "c4_ppl_rise_pct=1@lr3e-3-s0") and cfg.tune.runs_dir == str(tmp_path / "shared-s0")
     assert all(b.partition("@")[2] in ("", *acc.REGIMES) for b in acc.BUDGETS)
