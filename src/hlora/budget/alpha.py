@@ -100,14 +100,20 @@ def search_alpha(measure: Callable[[float], Point], limit: float, cfg: AlphaSear
             points.append(p)
         return cache[alpha]
 
+    def with_domain(p: Point) -> Point:
+        """p with its domain accuracy, measured now (and timed into p) if `measure` left it out."""
+        if domain is not None and math.isnan(p.domain_acc):
+            t = time.perf_counter()
+            p.domain_acc, p.domain_se = domain(p.alpha)
+            p.seconds += time.perf_counter() - t
+        return p
+
     if base is not None:
         base.alpha, base.feasible = 0.0, True
         cache[0.0] = base
         points.append(base)
     else:
-        b0 = at(0.0)
-        if domain is not None and math.isnan(b0.domain_acc):  # the base model's accuracy is part of the record
-            b0.domain_acc, b0.domain_se = domain(0.0)
+        with_domain(at(0.0))  # the base model's accuracy is part of the record
     if at(1.0).feasible:
         lo, hi = 1.0, 1.0
     else:
@@ -124,11 +130,7 @@ def search_alpha(measure: Callable[[float], Point], limit: float, cfg: AlphaSear
                 lo = mid
             else:
                 hi = mid
-    chosen = cache[round(lo, 12)]
-    if domain is not None and math.isnan(chosen.domain_acc):
-        t = time.perf_counter()
-        chosen.domain_acc, chosen.domain_se = domain(chosen.alpha)
-        chosen.seconds += time.perf_counter() - t
+    chosen = with_domain(cache[round(lo, 12)])
     res = AlphaResult(limit=limit, chosen=chosen, points=points, bracket=(lo, hi), seconds=time.perf_counter() - t0)
     problem = unresolved(res, cfg, what)
     if problem:

@@ -249,7 +249,6 @@ def kept_note(trace: list[dict]) -> dict:
     return {"frozen": trace[0]["frozen"], **({"thawed_at": thawed} if thawed is not None else {})}
 
 
-
 class DualController(TrainerCallback):
     """Steers the bound method's coefficient toward `limit` (run_stage binds it: `bind(method, model, tok, out)`).
 
