@@ -104,6 +104,34 @@ def test_alpha_search_finds_the_largest_feasible_alpha_on_a_bending_curve():
     assert all(p.seconds > 0 for p in res.points)
 
 
+def test_alpha_points_are_measured_once_per_adapter_and_key(tmp_path):
+    """PointCache: a second search on the same adapter (another budget level) reads the α points the first one
+    measured and measures only new ones; another slice (another key) measures again."""
+    from types import SimpleNamespace
+
+    from hlora.budget.cache import PointCache
+    from hlora.budget.measure import SliceTask
+
+    def stub(texts):
+        return SimpleNamespace(budget=Budget.parse("c4_kl=0.1"), general=[SliceTask("c4", "text", texts=texts)],
+                               domain=None, batch_size=8, window=512)
+
+    measure, calls = curve(lambda a: 0.2 * a)
+    first = PointCache(tmp_path, stub(["a", "b"]))
+    r1 = search_alpha(first.forgetting(measure), 0.1, AlphaSearchConfig(grid=4, refine=2), base=Point(0.0, 0.0, 0.0))
+    assert calls == [1.0, 0.75, 0.5, 0.625, 0.5625] and first.hits == 0 and r1.chosen.alpha == 0.5
+    calls.clear()
+    again = PointCache(tmp_path, stub(["a", "b"]))
+    r2 = search_alpha(again.forgetting(measure), 0.06, AlphaSearchConfig(grid=4, refine=2), base=Point(0.0, 0.0, 0.0))
+    assert calls == [0.25, 0.375, 0.3125] and again.hits == 3  # 1, 0.75, 0.5 read back; the points below are new
+    assert [p.cached for p in r2.points[1:]] == [True, True, True, False, False, False]
+    assert r2.points[1].forgetting == r1.points[1].forgetting and r2.chosen.alpha == 0.25
+    calls.clear()
+    other = PointCache(tmp_path, stub(["a", "c"]))
+    search_alpha(other.forgetting(measure), 0.1, AlphaSearchConfig(grid=4, refine=0), base=Point(0.0, 0.0, 0.0))
+    assert calls == [1.0, 0.75, 0.5] and other.hits == 0
+
+
 def test_alpha_search_monotone_curve_and_alpha_one():
     b = 0.02
     measure, _ = curve(lambda a: b * (a / 0.37) ** 2)
@@ -509,6 +537,24 @@ def test_tunes_sharing_a_runs_dir_reuse_what_the_budget_does_not_change(tmp_path
     assert none_b["run"] == none_a["run"] and none_b["train"]["reused"]  # plain LoRA: trained once
     assert kl_b["run"] != kl_a["run"] and not kl_b["train"]["reused"]  # steered toward another budget: trained again
     assert all(os.path.dirname(c["run"]) == str(tmp_path / "shared") for c in first["candidates"] + second["candidates"])
+    # ... and its α points: those the first tune measured are read back (same values), the others measured
+    pts_a = {p["alpha"]: p for p in none_a["search"]["points"]}
+    pts_b = none_b["search"]["points"]
+    assert first["cost"]["evaluations_cached"] == 0 and not any(p.get("cached") for p in pts_a.values())
+    read = [p for p in pts_b if p.get("cached")]
+    assert read and all(p["alpha"] in pts_a for p in read)
+    assert all(p["forgetting"] == pts_a[p["alpha"]]["forgetting"] and p["se"] == pts_a[p["alpha"]]["se"] for p in read)
+    assert second["base"]["domain_acc"] == first["base"]["domain_acc"]
+    assert none_b["cached_points"] >= len(read) + 1 and second["cost"]["evaluations_cached"] == none_b["cached_points"]
+    assert kl_b["cached_points"] == 0  # a run trained again has no points yet
+    assert second["cost"]["evaluations"] == sum(c["search"]["evaluations"] for c in second["candidates"]) + 2
+    # a point is keyed by what it depends on: another measure on the same adapter is measured, not read
+    (tmp_path / "tune").rename(tmp_path / "tune-b")
+    assert _cli(tmp_path, data, shared, "--method", "none", "--budget", f"text:{data}/general.jsonl_ppl_rise_pct=50") == 0
+    third = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert not any(p.get("cached") for p in third["candidates"][0]["search"]["points"][1:])
+    # only domain accuracies are read: the base model's, and the chosen α's when an earlier tune chose it too
+    assert 1 <= third["candidates"][0]["cached_points"] <= 2
 
 
 def test_cli_tune_bad_input_names_the_field(tmp_path, data, capsys):

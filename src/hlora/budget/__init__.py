@@ -4,6 +4,7 @@ and gets the most domain-accurate model within it.
 - measure.py: `Budget` (`c4_kl=0.05`, `c4_ppl_rise_pct=2`, `battery_drop_pts=1`, ...), validation / test slices,
   the measures with their standard errors (`Measurer`);
 - alpha.py: post-hoc WiSE-FT scale search for any trained adapter (`search_alpha`);
+- cache.py: the α points of an adapter kept beside it, read back by a later tune of the same adapter;
 - dual.py: the method's coefficient steered during training (`DualController`, a TrainerCallback);
 - tune.py: `hlora tune` / `hlora.tune(...)`: candidates, the winner, OUT/tune.json.
 """

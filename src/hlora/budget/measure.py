@@ -298,6 +298,7 @@ class Point:
     seconds: float = 0.0
     feasible: bool | None = None
     detail: dict = field(default_factory=dict)
+    cached: bool = False  # read from an earlier measurement of the same adapter (PointCache), not measured again
 
     def as_dict(self) -> dict:
         def num(x):  # a domain accuracy not measured (the α search measures it only where it decides) is null
@@ -305,7 +306,7 @@ class Point:
 
         return {"alpha": self.alpha, "forgetting": self.forgetting, "se": self.se, "domain_acc": num(self.domain_acc),
                 "domain_se": num(self.domain_se), "seconds": round(self.seconds, 3), "feasible": self.feasible,
-                **({"detail": self.detail} if self.detail else {})}
+                **({"detail": self.detail} if self.detail else {}), **({"cached": True} if self.cached else {})}
 
 
 class Measurer:

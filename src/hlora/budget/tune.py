@@ -32,7 +32,8 @@ from ..methods import needs_general_run, steerable
 from ..util import plus_minus
 from .alpha import AlphaSearchConfig, search_alpha
 from .dual import DualConfig, DualController, kept_note, make_proxy
-from .measure import Budget, BudgetError, Measurer, SliceConfig, domain_slices, mcq_slices, text_slices
+from .cache import PointCache
+from .measure import Budget, BudgetError, Measurer, Point, SliceConfig, domain_slices, mcq_slices, text_slices
 
 
 @dataclass
@@ -224,20 +225,27 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
         model = load_adapter(load_model(cfg.model)[0], run / "adapter")
         measurer.attach(model)
+        cache = PointCache(run, measurer)  # points this adapter was measured at before (another budget level)
         if base_point is None:
-            base_point = measurer.measure(0.0)
+            t = time.perf_counter()
+            acc, se = cache.domain(measurer.domain_at)(0.0)
+            base_point = Point(alpha=0.0, forgetting=0.0, se=0.0, domain_acc=acc, domain_se=se,
+                               seconds=time.perf_counter() - t, feasible=True, cached=cache.hits > 0)
         try:
-            res = search_alpha(measurer.forgetting_at, b.limit, cfg.search, base=dataclasses.replace(base_point),
-                               what=b.measure, domain=measurer.domain_at)
+            res = search_alpha(cache.forgetting(measurer.forgetting_at), b.limit, cfg.search,
+                               base=dataclasses.replace(base_point), what=b.measure,
+                               domain=cache.domain(measurer.domain_at))
             rec["search"] = res.as_dict()
         except BudgetError as e:
             res = e.result
             rec["search"], rec["error"] = res.as_dict(), str(e)
         if res is not None and res.warning:
             rec["warning"] = res.warning
+        rec["cached_points"] = cache.hits
         c = res.chosen
         echo(f"  [{label}] α = {c.alpha:.4g}: domain acc {c.domain_acc:.4f} (validation), {b.measure} "
-             f"{c.forgetting:.4g} ± {c.se:.2g} ({res.evaluations} evaluations)"
+             f"{c.forgetting:.4g} ± {c.se:.2g} ({res.evaluations} evaluations"
+             + (f", {cache.hits} read from {cache.path.name}" if cache.hits else "") + ")"
              + (f"  UNRESOLVED: {rec['error']}" if "error" in rec else "") + (f"  WARNING: {res.warning}" if res.warning else ""))
         rec["_result"] = res
         candidates.append(rec)
@@ -279,6 +287,7 @@ def tune(cfg: TuneConfig | None = None, *, budget: str | Budget | None = None, o
                       "nu_steps": nu["steps"], "one_run_steps": one_run,
                       "runs_equivalent": round(train_steps / one_run, 3) if one_run else None,
                       "evaluations": evaluations,
+                      "evaluations_cached": sum(r["cached_points"] for r in candidates),
                       "dual_measurements": sum(len((r.get("dual") or {}).get("trace", [])) for r in candidates),
                       "train_seconds": round(train_seconds, 3),
                       "eval_seconds": round(sum(p.seconds for r in candidates for p in r["_result"].points[1:])
