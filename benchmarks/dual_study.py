@@ -5,11 +5,12 @@
         --eta 0.1,0.5,2 --every 5 [--kp 0.5] [--kd 2] [--json FILE] [key=value ...]
 
 Each (η, K) is one stage-μ run on the embedded SciQ subset with the coefficient steered toward the budget on
-the KL / perplexity rise of a fixed batch of the embedded WikiText-2 test text (a general slice no stage trains
-on); `--eta 0` measures the unsteered run (the coefficient stays at its start). Prints per run the trace of
+the KL / perplexity rise of the embedded WikiText-2 test text (a general slice no stage trains on), read as
+`hlora tune` reads it: groups of whole pieces in rotation over a 2,048-token validation slice (dual.TextProxy);
+`--eta 0` measures the unsteered run (the coefficient stays at its start). Prints per run the trace of
 (step, coefficient, proxy) and a summary: the proxy over the last third of the run against the target (mean,
 spread), how often the violation changed sign there (ringing), and the final proxy. docs/budget.md holds a run
-of it on tiny-llama and the choice of η and K it supports.
+of it on tiny-llama and the choice of η and K it supports (traces: results/dual-study/tiny-llama.json).
 """
 from __future__ import annotations
 
