@@ -184,6 +184,46 @@ def test_shared_continuation_prefix_runs_once(model, tok):
         assert a == pytest.approx(h, abs=TOL) and ag == hg
 
 
+# lm-eval's partial scoring (WinoGrande): one continuation after contexts that differ from the blank on; and
+# one-request contexts that share too little to run as one.
+PARTIAL = [
+    ("Sarah was a much better surgeon than Maria so Sarah", " always got the harder cases."),
+    ("Sarah was a much better surgeon than Maria so Maria", " always got the harder cases."),
+    ("The trophy does not fit in the suitcase because the trophy", " is too big."),
+    ("The trophy does not fit in the suitcase because the suitcase", " is too big."),
+    ("The trophy does not fit", " in the box"),
+    ("Heat makes metal expand", "."),
+    ("Water boils at one hundred degrees", " Celsius."),
+]
+
+
+def test_one_request_contexts_that_start_alike_share_their_prefix(model, tok):
+    """Each pair's common prefix runs once in the context passes; the rest of each context runs in its
+    continuation row, unscored; log-likelihoods equal the hand computation."""
+    enc = ev.encode_requests(tok, PARTIAL)
+    runs = ev.engine._contexts({tuple(c): [i] for i, (c, _) in enumerate(enc)}, enc)
+    shared = sorted(sorted(c.requests) for c in runs if c.tails)
+    assert [0, 1] in shared and any({2, 3} <= set(r) for r in shared)  # each pair runs as one
+    assert not any(5 in r or 6 in r for r in shared)  # too little in common: on their own
+    ctx_tokens = []
+
+    def hook(_module, args, kwargs):
+        if kwargs.get("past_key_values") is None:
+            ctx_tokens.append(int(kwargs["attention_mask"].sum()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        got = ev.loglikelihood(model, tok, PARTIAL, batch_size=4, progress=False)
+    finally:
+        handle.remove()
+    assert sum(ctx_tokens) == sum(len(c.tokens) for c in runs) < sum(len(c) for c, _ in enc)
+    for (a, ag), (c, x) in zip(got, enc):
+        h, hg = hand_ll(model, c, x)
+        assert a == pytest.approx(h, abs=TOL) and ag == hg
+    full = ev.loglikelihood_full(model, tok, PARTIAL, progress=False)
+    assert [g for _, g in got] == [g for _, g in full]
+
+
 def test_packed_batches_minimise_padding_plus_passes(monkeypatch):
     lens = [40, 39, 38, 20, 19, 5, 5, 5, 1]
     monkeypatch.setattr(ev.batches, "FORWARD_COST", 10)

@@ -8,7 +8,9 @@ predict `cont`, and whether every one of them is the argmax.
 The fast path (`loglikelihood`) scores a shared context once, together with the tokens that all
 its continuations start with: contexts run left-padded (explicit `position_ids`) and keep their
 KV cache; then their continuations run right-padded on copies of their contexts' cache rows,
-positions continuing after their context. Contexts, and the continuations of each context pass,
+positions continuing after their context. One-request contexts that start alike (lm-eval's partial
+scoring: WinoGrande's two contexts differ from the blank on) run their common prefix once, the rest of
+each context in its continuation row, unscored. Contexts, and the continuations of each context pass,
 are sorted by length and cut into passes that minimise padding plus a fixed cost per pass
 (`batches.py`). Requests that need truncation take the plain full-sequence path
 (`loglikelihood_full`, lm-eval's way).
@@ -28,7 +30,7 @@ import hashlib
 import inspect
 import sys
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -195,11 +197,7 @@ def loglikelihood(
         for i, r in zip(truncated, res):
             out[i] = r
 
-    # The prefix that all continuations of a context share (PIQA's two solutions often start
-    # alike) runs once, with the context.
-    contexts = [_Context(ctx, _shared_prefix([encoded[i][1] for i in idx]), idx) for ctx, idx in groups.items()]
-    for c in contexts:
-        c.tokens += tuple(encoded[c.requests[0]][1][:c.n])
+    contexts = _contexts(groups, encoded)
     contexts.sort(key=lambda c: -len(c.tokens))  # longest first: any memory error shows at once
     dev = model_device(model)
     pad = _pad_id(tokenizer)
@@ -212,6 +210,57 @@ def loglikelihood(
             bar.update(sum(len(c.requests) for c in batch))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+MIN_SHARED_CONTEXT = 4  # tokens two one-request contexts must share before they run as one
+
+
+def _contexts(groups: "OrderedDict[tuple[int, ...], list[int]]", encoded) -> list["_Context"]:
+    """The context passes' rows: one per distinct context, extended by the tokens all its continuations start
+    with (PIQA's two solutions often start alike), which run once with it.
+
+    Contexts with a single request each that start alike run their common prefix once too, each the rest of its
+    context as part of its continuation row: lm-eval's partial scoring (WinoGrande) scores one continuation after
+    two contexts that differ only from the blank on. Sorted, such contexts are neighbours; a run of them joins
+    while the prefix they share stays at least MIN_SHARED_CONTEXT tokens and half of the run's prefix so far."""
+    out: list[_Context] = []
+    singles = []
+    for ctx, idx in groups.items():
+        if len(idx) == 1:
+            singles.append(ctx)
+        else:
+            n = _shared_prefix([encoded[i][1] for i in idx])
+            out.append(_Context(ctx + tuple(encoded[idx[0]][1][:n]), n, idx))
+
+    def close(run: list, prefix: tuple) -> None:
+        if len(run) == 1:
+            out.append(_Context(run[0], 0, groups[run[0]]))
+        else:
+            reqs = [groups[ctx][0] for ctx in run]
+            out.append(_Context(prefix, 0, reqs, tails={i: ctx[len(prefix):] for i, ctx in zip(reqs, run)}))
+
+    run, prefix = [], ()
+    for ctx in sorted(singles):
+        if run:
+            k = _common(prefix, ctx)
+            if k >= MIN_SHARED_CONTEXT and 2 * k >= len(prefix):
+                run.append(ctx)
+                prefix = prefix[:k]
+                continue
+            close(run, prefix)
+        run, prefix = [ctx], ctx
+    if run:
+        close(run, prefix)
+    return out
+
+
+def _common(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _shared_prefix(conts: list[list[int]]) -> int:
@@ -231,6 +280,9 @@ class _Context:
     tokens: tuple[int, ...]
     n: int
     requests: list[int]
+    # A run of one-request contexts that share `tokens` as their prefix: each request's own rest of its context,
+    # scored as part of its continuation row but not counted in its log-likelihood (n is 0 then).
+    tails: dict[int, tuple[int, ...]] = field(default_factory=dict)
     # Set by its context pass: the log-prob and greediness of the shared tokens, and the
     # log-probs [1, V] that predict the first token after them.
     shared: tuple[float, bool] = (0.0, True)
@@ -247,11 +299,11 @@ def _score_contexts(model, contexts, encoded, out, dev, pad, keep_last, budget):
     rows: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for b, c in enumerate(contexts):
         for i in c.requests:
-            cont = encoded[i][1]
-            if len(cont) == c.n + 1:
-                out[i] = _joined(c.shared, _score(c.first, torch.tensor(cont[c.n:], device=dev)))
+            after = c.tails.get(i, ()) + tuple(encoded[i][1][c.n:])  # the tokens after c.tokens
+            if len(after) == 1:
+                out[i] = _joined(c.shared, _score(c.first, torch.tensor(after, device=dev)))
             else:
-                rows.setdefault((b, tuple(cont[c.n:-1])), []).append(i)
+                rows.setdefault((b, after[:-1]), []).append(i)
 
     by_length = sorted(rows, key=lambda r: -len(r[1]))
     for sub in _packed_batches(by_length, lambda r: len(r[1]), 1, budget):
@@ -264,7 +316,8 @@ def _score_contexts(model, contexts, encoded, out, dev, pad, keep_last, budget):
             c = contexts[b]
             lp = torch.cat([c.first, F.log_softmax(logits[r, :len(inp)].float(), dim=-1)])
             for i in rows[(b, inp)]:
-                out[i] = _joined(c.shared, _score(lp, torch.tensor(encoded[i][1][c.n:], device=dev)))
+                k = len(c.tails.get(i, ()))  # the rest of a shared context predicts nothing that counts
+                out[i] = _joined(c.shared, _score(lp[k:], torch.tensor(encoded[i][1][c.n:], device=dev)))
         del logits
 
 
