@@ -522,6 +522,31 @@ def test_cli_tune_end_to_end_on_a_tiny_model(tmp_path, data, capsys):
     assert "already holds a finished tune" in capsys.readouterr().err
 
 
+def test_tune_measures_kl_against_the_base_logits_it_kept(tmp_path, data, monkeypatch):
+    """Within a tune the base model's logits of the KL slice are computed once and read back afterwards (the
+    engine's reference cache); outside it nothing is kept."""
+    from hlora.evaluate import engine
+
+    calls = []
+    real = engine._cached_ref_logits
+
+    def spy(ref, ref_id, ids, mask, keep):
+        before = None if engine._REF_CACHE is None else len(engine._REF_CACHE)
+        out = real(ref, ref_id, ids, mask, keep)
+        calls.append((before, None if engine._REF_CACHE is None else len(engine._REF_CACHE)))
+        return out
+
+    monkeypatch.setattr(engine, "_cached_ref_logits", spy)
+    assert _cli(tmp_path, data, "--method", "none", "--budget", f"text:{data}/general.jsonl_kl=1e-6",
+                "search.on_unresolvable=nearest") == 0
+    rec = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert rec["candidates"][0]["search"]["evaluations"] >= 3  # several α measured on one slice
+    assert calls and all(b is not None for b, _ in calls)  # the cache was open for every KL measurement
+    hits = [c for c in calls if c[0] == c[1]]
+    assert len(hits) >= len(calls) / 2  # after the first α, every base window came from the cache
+    assert engine._REF_CACHE is None
+
+
 def test_tunes_sharing_a_runs_dir_reuse_what_the_budget_does_not_change(tmp_path, data, capsys):
     """With tune.runs_dir, a second tune with another budget reuses the unsteered candidate's run and trains the
     steered one again (its controller depends on the budget)."""
