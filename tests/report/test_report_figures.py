@@ -227,6 +227,7 @@ def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
     copy = tmp_path / "c4_kl=0.05-s0.json"
     rec = json.loads(path.read_text())
     rec["winner"]["test"]["se"] = float("nan")
+    rec["cost"]["evaluations_cached"] = 4  # points an earlier tune of the same adapter measured
     copy.write_text(json.dumps(rec))
     md = tuned_markdown(load_tuned([copy]), grid)
-    assert "| 0.05 ± 0.004 | 0.052 ± n/a | within ±10 % |" in md and "| c4_kl=0.05-s0.json |" in md
+    assert "| 0.05 ± 0.004 | 0.052 ± n/a | within ±10 % |" in md and "| 9 (4 read back) | c4_kl=0.05-s0.json |" in md

@@ -179,7 +179,8 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
                  w.get("label", "none within budget"), f"{w['alpha']:.3g}" if "alpha" in w else "",
                  forgetting(w.get("validation") or {}) if w else "", forgetting(test) if w else "", verdict(t),
                  f"{100 * acc:.1f} %" if acc is not None else "", best_txt,
-                 f"{c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')})", str(c.get("evaluations", "?")),
+                 f"{c.get('training_steps', '?')} ({c.get('runs_equivalent', '?')})", str(c.get("evaluations", "?"))
+                 + (f" ({c['evaluations_cached']} read back)" if c.get("evaluations_cached") else ""),
                  _file_label(t.get("path", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     verdicts = [verdict(t) for t in tuned]
