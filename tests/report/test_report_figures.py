@@ -144,6 +144,32 @@ def test_budget_marks_map_each_budget_onto_its_panel(write_results, tmp_path):
     assert abs(ppl["line"] - base_ppl * 1.02) < 1e-9 and abs(ppl["y"] - base_ppl * 1.015) < 1e-9
     assert abs(bat["line"] - (base_battery - 0.01)) < 1e-9 and abs(bat["y"] - (base_battery - 0.005)) < 1e-9
     assert "kl_general" in kl["label"] and "0.75" in kl["label"]
+    assert kl["regime"] == "each row's lr"  # no lr in its config
+    from hlora.report.budget import _regime
+
+    assert _regime({"config": {"train": {"lr": 1e-3}, "tune": {"lr": {"none": 3e-3, "ewc": 3e-3}}}}) == "lr 0.003"
+    assert _regime({"config": {"train": {"lr": 1e-3}, "tune": {"lr": {}}}}) == "lr 0.001"
+    assert _regime({"config": {"train": {"lr": 1e-3}, "tune": {"lr": {"none": 1e-3, "hlora": 3e-3}}}}) == "each row's lr"
+
+
+def test_budget_marks_of_one_budget_merge_over_seeds():
+    """The seeds of one budget make one point (mean ± std) naming how often each candidate won; the same budget
+    at another learning rate stays apart, and only then does the label name the lr."""
+    from hlora.report.budget import grouped_marks
+
+    def m(x, y, winner, lr="each row's lr", budget="c4_kl ≤ 0.05"):
+        return {"metric": "general_kl", "line": 0.05, "budget": budget, "x": x, "y": y, "winner": winner, "regime": lr,
+                "label": f"hlora tune → {winner} (α = 1)"}
+
+    g = grouped_marks([m(0.90, 0.05, "kl_general"), m(0.92, 0.04, "kl_general"), m(0.88, 0.06, "ewc"),
+                       m(0.91, 0.03, "ewc", lr="lr 0.003"), m(0.8, 0.01, "none", budget="c4_kl ≤ 0.02")])
+    assert [x["n"] for x in g] == [3, 1, 1]
+    three, other_lr, other_budget = g
+    assert abs(three["x"] - 0.90) < 1e-12 and abs(three["y"] - 0.05) < 1e-12
+    assert abs(three["yerr"] - 0.0081649658) < 1e-9 and abs(three["xerr"] - 0.0163299316) < 1e-9
+    assert three["label"] == "hlora tune → kl_general ×2, ewc (3 tunes, mean ± std), c4_kl ≤ 0.05 at each row's lr"
+    assert other_lr["label"] == "hlora tune → ewc (α = 1), c4_kl ≤ 0.05 at lr 0.003" and other_lr["yerr"] == 0.0
+    assert other_budget["label"] == "hlora tune → none (α = 1), c4_kl ≤ 0.02"  # one lr: not named
 
 
 def test_fronts_draw_budgets_and_the_report_lists_them(write_results, tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ import numpy as np
 from ..util import plus_minus
 from .load import BASE, main_cells
 
-__all__ = ["load_tuned", "budget_marks", "tuned_markdown", "verdict", "fixed_forgetting", "best_fixed_point"]
+__all__ = ["load_tuned", "budget_marks", "grouped_marks", "tuned_markdown", "verdict", "fixed_forgetting", "best_fixed_point"]
 
 
 def load_tuned(paths: Iterable[str | Path]) -> list[dict]:
@@ -80,9 +80,48 @@ def budget_marks(records: Iterable[dict], tuned: Iterable[dict], task: str) -> l
             "metric": metric, "line": line, "budget": f"{measure} ≤ {limit:g}",
             "x": test.get("domain_acc") if w else None, "y": to_y(test["forgetting"]) if w and "forgetting" in test else None,
             "label": f"hlora tune → {w.get('label', '?')} (α = {w.get('alpha', 1.0):.2g})" if w else "hlora tune: none within budget",
-            "path": t.get("path", ""),
+            "path": t.get("path", ""), "winner": w.get("label") if w else None, "regime": _regime(t),
         })
     return marks
+
+
+def _regime(t: dict) -> str:
+    """The stage-μ learning rates a tune trained its candidates at, as text: "lr 0.003" when one for all, else
+    "each row's lr"."""
+    cfg = t.get("config") or {}
+    lrs = set(((cfg.get("tune") or {}).get("lr") or {}).values()) or {(cfg.get("train") or {}).get("lr")}
+    return f"lr {next(iter(lrs)):g}" if len(lrs) == 1 and None not in lrs else "each row's lr"
+
+
+def grouped_marks(marks: list[dict]) -> list[dict]:
+    """The marks of one budget at one set of stage-μ learning rates (the seeds of a tune) as one: the point at the
+    mean of the returned models' (accuracy, forgetting), with their std (`xerr`, `yerr`; 0 for one tune), labelled
+    with the winners and how often each won. The lr enters the label only where a budget was tuned at several."""
+    groups: dict[tuple, list[dict]] = {}
+    for m in marks:
+        groups.setdefault((m["metric"], m["budget"], m.get("regime", "")), []).append(m)
+    regimes: dict[tuple, set] = {}
+    for metric, budget, regime in groups:
+        regimes.setdefault((metric, budget), set()).add(regime)
+    out = []
+    for (metric, budget, regime), ms in groups.items():
+        at = f" at {regime}" if len(regimes[(metric, budget)]) > 1 and regime else ""
+        pts = [(m["x"], m["y"]) for m in ms if m["x"] is not None and m["y"] is not None]
+        if len(ms) == 1:
+            label = f"{ms[0]['label']}, {budget}{at}"
+        else:
+            won: dict[str, int] = {}
+            for m in ms:
+                won[m["winner"] or "none within budget"] = won.get(m["winner"] or "none within budget", 0) + 1
+            who = ", ".join(f"{k} ×{v}" if v > 1 else k for k, v in won.items())
+            label = f"hlora tune → {who} ({len(ms)} tunes, mean ± std), {budget}{at}"
+        xs, ys = np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+        variant = sorted(regimes[(metric, budget)]).index(regime)  # the figure's marker: which regime of the budget
+        out.append({"metric": metric, "line": ms[0]["line"], "budget": budget, "label": label, "n": len(ms),
+                    "variant": variant,
+                    "x": float(xs.mean()) if pts else None, "y": float(ys.mean()) if pts else None,
+                    "xerr": float(xs.std()) if pts else 0.0, "yerr": float(ys.std()) if pts else 0.0})
+    return out
 
 
 def verdict(t: dict) -> str:

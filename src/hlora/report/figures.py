@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..files import atomic_path
-from .budget import budget_marks
+from .budget import budget_marks, grouped_marks
 from .load import BASE, family_label, role_row, general_names, main_cells, row_labels, row_order, task_label, task_order
 from .stats import CAP_RATIO, aggregate, base_point, front, item_comparison, reference_accuracy
 
@@ -188,16 +188,21 @@ _BUDGET_COLORS = ("black", "darkred", "darkgreen", "navy", "purple", "saddlebrow
 
 
 def _budget_guides(ax, marks: list[dict], metric: str, handles: dict) -> None:
-    """Each forgetting budget on this panel's axis (dash-dot) and the model `hlora tune` returned for it (✕)."""
+    """Each forgetting budget on this panel's axis (dash-dot) and the models `hlora tune` returned for it (✕, or +
+    and ◆ for the same budget tuned at other learning rates; the seeds' mean ± std, report.budget.grouped_marks),
+    one colour per budget."""
     k = _axis_scale(metric)
-    for i, m in enumerate(marks):
+    colours = {b: _BUDGET_COLORS[i % len(_BUDGET_COLORS)] for i, b in enumerate(dict.fromkeys(m["budget"] for m in marks))}
+    for m in marks:
         if m["metric"] != metric:
             continue
-        c = _BUDGET_COLORS[i % len(_BUDGET_COLORS)]
+        c = colours[m["budget"]]
         handles.setdefault(f"budget {_tex_safe(m['budget'])}", ax.axhline(k * m["line"], ls="-.", lw=1, color=c))
         if m["x"] is not None and m["y"] is not None:
-            h = ax.plot([100 * m["x"]], [k * m["y"]], marker="X", ms=10, color=c, mec="white", ls="none", zorder=6)[0]
-            handles.setdefault(f"{_tex_safe(m['label'])}, {_tex_safe(m['budget'])}", h)
+            h = ax.errorbar([100 * m["x"]], [k * m["y"]], xerr=[100 * m.get("xerr", 0.0)] if m.get("xerr") else None,
+                            yerr=[k * m.get("yerr", 0.0)] if m.get("yerr") else None, marker="XPD"[m.get("variant", 0) % 3], ms=10, color=c,
+                            mec="white", ls="none", zorder=6, elinewidth=1, capsize=2)
+            handles.setdefault(_tex_safe(m["label"]), h)
 
 
 def _outlier_bounds(recs: list[dict], metric: str) -> tuple[float, float] | None:
@@ -262,7 +267,7 @@ def plot_fronts(records: Iterable[dict], task: str, out_png: str | Path, referen
     recs = [r for r in records if r["task"] == task]
     if not recs:
         return None
-    marks = budget_marks(records, tuned or [], task)
+    marks = grouped_marks(budget_marks(records, tuned or [], task))
     if (by_family(recs, task) if families is None else families) and _families(recs):  # Base alone: one row
         return _plot_fronts_by_family(records, recs, task, out_png, reference, cap_ratio, metrics, marks)
     names = general_names(recs, legacy=False)
