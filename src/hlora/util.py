@@ -19,6 +19,15 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {hint[0]!r}?)" if hint else ""
 
 
+def digest(obj, length: int = 12) -> str:
+    """A short, stable name for a JSON-able object: the first `length` hex digits of the SHA-256 of its canonical
+    JSON (sorted keys; anything else as str). Run directories, record hashes and cache keys are named by it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def plus_minus(se: float | None) -> str:
     """"± s.e." for a number, "± n/a" where a slice cannot give one (a test slice of a single document: nan)."""
     return f"± {se:.2g}" if se is not None and math.isfinite(se) else "± n/a"

@@ -11,26 +11,22 @@ stay those of a tune run on its own, as the training steps of a reused run do.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from ..files import write_json
+from ..util import digest
 from .measure import Measurer, Point
 
 FILE = "alpha_points.json"
 VERSION = 1
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _slice_id(task) -> dict:
     """A slice by its content (texts or items), not its name: a changed slice config changes the key."""
     return {"name": task.name, "kind": task.kind, "max_tokens": task.max_tokens,
-            "content": _digest(task.texts if task.kind == "text" else [repr(i) for i in task.items])}
+            "content": digest(task.texts if task.kind == "text" else [repr(i) for i in task.items], 16)}
 
 
 def measurer_keys(m: Measurer) -> tuple[str, str]:
@@ -40,7 +36,7 @@ def measurer_keys(m: Measurer) -> tuple[str, str]:
     common = {"evaluator": EVALUATOR_VERSION, "batch_size": m.batch_size, "window": m.window, "version": VERSION}
     forgetting = {**common, "task": m.budget.task, "kind": m.budget.kind, "general": [_slice_id(t) for t in m.general]}
     domain = {**common, "domain": _slice_id(m.domain) if m.domain is not None else None}
-    return _digest(forgetting), _digest(domain)
+    return digest(forgetting, 16), digest(domain, 16)
 
 
 class PointCache:

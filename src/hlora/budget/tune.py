@@ -19,7 +19,6 @@ run already finished (DONE) under OUT/runs is reused, so an interrupted tune con
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from ..config import ConfigError, RunConfig, load_config, method_config, to_dict
 from ..files import atomic_dir, write_json
 from ..methods import needs_general_run, steerable
-from ..util import plus_minus
+from ..util import digest, plus_minus
 from .alpha import AlphaSearchConfig, search_alpha
 from .dual import DualConfig, DualController, kept_note, make_proxy
 from .cache import PointCache
@@ -110,8 +109,7 @@ def _placed(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict | None = Non
     if not cfg.tune.runs_dir:
         return rc
     what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
-    key = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / f"{label}-{key}"))
+    return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / f"{label}-{digest(what)}"))
 
 
 def _stage(rc: RunConfig, stage: str, callbacks: list) -> tuple[Path, bool]:

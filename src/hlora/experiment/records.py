@@ -3,7 +3,6 @@ whether a record still belongs to a config's cell."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import subprocess
 import time
@@ -13,6 +12,7 @@ from ..config import ConfigError, EvalConfig, TrainConfig
 from ..files import write_json
 from ..methods import method_class
 from ..record import RECORD_VERSION, default_family, normalize_record
+from ..util import digest
 from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_lr, _row_method
 from .run import _NOT_RESULTS, _canonical, _evaluate, _full_fisher, _trained, _transfer_tasks
 
@@ -39,7 +39,7 @@ def settings_hash(cfg: ExperimentConfig, cell: Cell) -> str:
         key["texts"] = list(cfg.texts)
     if cfg.battery:
         key["battery"], key["battery_limit"] = _battery_tasks(cfg), cfg.battery_limit
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(key, 16)
 
 
 def _result(ev: dict, spec: str) -> dict:

@@ -3,7 +3,6 @@ by their settings) and its evaluation (cached per adapter and evaluation setting
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from ..config import ConfigError, EvalConfig, MethodConfig, RunConfig, TrainConfig, apply_overrides, to_dict
 from ..files import write_json
+from ..util import digest
 from .plan import ROWS, Cell, ExperimentConfig, _battery_tasks, _domain_train, _row_lr, _row_method
 
 
@@ -115,17 +115,13 @@ def _canonical(cfg) -> Any:
     return cfg
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _run_name(rc: RunConfig) -> str:
     """A training run is named by its settings, so cells that train alike share it: a WiSE row evaluates its
     source's run, and the "-layer,element" ablation is LoRA(ν+μ)'s run."""
     rc = dataclasses.replace(rc, out="", eval=EvalConfig(),  # where it runs, how it is evaluated: not training
                              train=dataclasses.replace(rc.train, **{k: getattr(TrainConfig(), k) for k in _NOT_RESULTS}))
     key = _canonical(rc)
-    return f"{rc.data.replace(':', '_').replace('/', '_')}-s{rc.train.seed}-{_digest(key)}"
+    return f"{rc.data.replace(':', '_').replace('/', '_')}-s{rc.train.seed}-{digest(key)}"
 
 
 def _layer_norms(path: Path) -> dict | None:
@@ -178,7 +174,7 @@ def _evaluate(cfg: ExperimentConfig, cell: Cell, adapter: Path | None) -> dict:
     # Same adapter, same evaluation: computed once (the "-layer,element" ablation is LoRA(ν+μ)). The method
     # enters the key only if it changes evaluation (WiSE-FT's α).
     changes_eval = method is not None and type(method).evaluation is not Method.evaluation
-    key = _digest({"model": to_dict(cfg.model), "adapter": _adapter_id(cfg, adapter), "evaluator": EVALUATOR_VERSION,
+    key = digest({"model": to_dict(cfg.model), "adapter": _adapter_id(cfg, adapter), "evaluator": EVALUATOR_VERSION,
                    "method": to_dict(cell.method) if changes_eval else None, "eval": _canonical(cfg.eval),
                    "tasks": tasks, "limits": limits})
     cache = Path(cfg.out) / "evals" / f"{key}.json"
