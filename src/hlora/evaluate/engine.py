@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import os
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -242,7 +243,7 @@ def _contexts(groups: "OrderedDict[tuple[int, ...], list[int]]", encoded) -> lis
     run, prefix = [], ()
     for ctx in sorted(singles):
         if run:
-            k = _common(prefix, ctx)
+            k = len(os.path.commonprefix([prefix, ctx]))  # works on any sequences, token tuples too
             if k >= MIN_SHARED_CONTEXT and 2 * k >= len(prefix):
                 run.append(ctx)
                 prefix = prefix[:k]
@@ -252,15 +253,6 @@ def _contexts(groups: "OrderedDict[tuple[int, ...], list[int]]", encoded) -> lis
     if run:
         close(run, prefix)
     return out
-
-
-def _common(a: tuple, b: tuple) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _shared_prefix(conts: list[list[int]]) -> int:
