@@ -4,6 +4,7 @@
     python benchmarks/results_readme.py heldout    # the held-out grid in progress: cell count, SciQ front points
     python benchmarks/results_readme.py headline   # prints the README's headline table from the held-out grid
     python benchmarks/results_readme.py readme     # rewrites that table in README.md (the prose around it is typed)
+    python benchmarks/results_readme.py budget     # rewrites docs/budget.md's table of every committed tune
 
 A grid's section is generated, never typed: tests/test_readme.py checks that the README holds exactly what this
 prints for the committed results.json and report.
@@ -19,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "results" / "fronts-smollm2-heldout"
 TITLE = "## The comparison on held-out measures, in progress"
 ANCHOR = "## Forgetting curves of plain LoRA(μ) on held-out measures"
+BUDGETS = ROOT / "results" / "budget-smollm2"
+BUDGET_DOC = ROOT / "docs" / "budget.md"
+BUDGET_TITLE = "### Every returned model"
 
 
 def heldout_section(n_cells: int) -> str:
@@ -58,6 +62,33 @@ def headline_table(tables: str | None = None) -> str:
     return "\n".join(block[:2] + [r for r in rows if r is not None])
 
 
+def budget_section() -> str:
+    """docs/budget.md's table of every committed tune (results/budget-smollm2/), as `hlora report --tune` tables it
+    against the held-out grid's fixed cells: one row a tune, the count within ±10 % under it."""
+    from hlora.report.budget import load_tuned, tuned_markdown
+    from hlora.report.load import load_results
+
+    tunes = load_tuned(sorted(BUDGETS.glob("*.json")))
+    seeds = sorted({(t.get("config") or {}).get("train", {}).get("seed") for t in tunes} - {None})
+    return f"""{BUDGET_TITLE} ({len(tunes)} tunes, seeds {", ".join(map(str, seeds))})
+
+Generated from `results/budget-smollm2/` by `python benchmarks/results_readme.py budget` (the same table as `hlora
+report results/fronts-smollm2-heldout/results.json --tune results/budget-smollm2/*.json`). Forgetting in the budget's
+units (nats/token, or % rise), validation on tune's own slice, test on the grid's; "best fixed point": the most
+SciQ-accurate cell of the held-out grid (same seed) within the budget on the grid's test slice.
+
+{tuned_markdown(tunes, load_results(HELDOUT / "results.json"))}
+"""
+
+
+def replace_subsection(text: str, title: str, section: str) -> str:
+    """`text` with the `###` section starting at `title` (up to the next heading) replaced by `section`."""
+    start = text.index(title)
+    end = min((i for i in (text.find("\n## ", start + 5), text.find("\n### ", start + 5)) if i >= 0),
+              default=len(text) - 1) + 1
+    return text[:start] + section + text[end:]
+
+
 README_SECTION = "## Does HLoRA forget less"
 
 
@@ -84,7 +115,7 @@ def replace_section(text: str, title: str, section: str, anchor: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("section", choices=["heldout", "headline", "readme"])
+    ap.add_argument("section", choices=["heldout", "headline", "readme", "budget"])
     args = ap.parse_args(argv)
     if args.section == "headline":
         print(headline_table())
@@ -94,6 +125,10 @@ def main(argv=None) -> int:
     from hlora.experiment import ExperimentConfig, plan
     from hlora.files import write_text
 
+    if args.section == "budget":
+        write_text(BUDGET_DOC, replace_subsection(BUDGET_DOC.read_text(encoding="utf-8"), BUDGET_TITLE, budget_section()))
+        print(f"rewrote the table of tunes in {BUDGET_DOC.relative_to(ROOT)}")
+        return 0
     if args.section == "readme":
         path = ROOT / "README.md"
         write_text(path, readme_with_headline(path.read_text(encoding="utf-8"), headline_table()))

@@ -139,3 +139,19 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     assert gen.readme_with_headline(text, head) == text
     with pytest.raises(ValueError, match="exactly one table"):
         gen.readme_with_headline(text.replace(head, head + "\n\ntext\n\n" + head), head)
+
+
+def test_budget_doc_tables_every_committed_tune():
+    """docs/budget.md's table of returned models is what benchmarks/results_readme.py generates from the committed
+    tunes (a tune record added without regenerating, or a renamed column, fails here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_readme", README.parent / "benchmarks" / "results_readme.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    section = gen.budget_section()
+    n = len(list(gen.BUDGETS.glob("*.json")))
+    assert f"({n} tunes" in section and len(_table_blocks(section)[0].splitlines()) == 2 + n
+    doc = gen.BUDGET_DOC.read_text(encoding="utf-8")
+    assert section in doc, "run `python benchmarks/results_readme.py budget`"
+    assert gen.replace_subsection(doc, gen.BUDGET_TITLE, section) == doc
