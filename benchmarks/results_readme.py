@@ -65,16 +65,16 @@ def headline_table(tables: str | None = None) -> str:
 def budget_section() -> str:
     """docs/budget.md's table of every committed tune (results/budget-smollm2/), as `hlora report --tune` tables it
     against the held-out grid's fixed cells: one row a tune, the count within ±10 % under it."""
+    from hlora.config import load_config
+    from hlora.experiment import ExperimentConfig, plan
     from hlora.report.budget import load_tuned, tuned_markdown
     from hlora.report.load import load_results
 
     tunes = load_tuned(sorted(BUDGETS.glob("*.json")))
     seeds = sorted({(t.get("config") or {}).get("train", {}).get("seed") for t in tunes} - {None})
     records = load_results(HELDOUT / "results.json")
-    # the grid fills seed by seed: a seed with fewer cells offers fewer fixed points to beat
-    from hlora.config import load_config
-    from hlora.experiment import ExperimentConfig, plan
-
+    # the grid fills seed by seed (it regenerates this table as cells land): a seed with fewer cells offers fewer
+    # fixed points to beat
     planned = [c for c in plan(load_config(ExperimentConfig, ROOT / "configs" / "fronts-smollm2-heldout.yaml"))
                if c.task == "sciq"]
     cells = ", ".join(f"seed {s}: {sum(r['task'] == 'sciq' and r['seed'] == s for r in records)} of "
