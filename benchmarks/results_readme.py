@@ -92,14 +92,6 @@ committed so far (SciQ cells, {cells}).
 """
 
 
-def replace_subsection(text: str, title: str, section: str) -> str:
-    """`text` with the `###` section starting at `title` (up to the next heading) replaced by `section`."""
-    start = text.index(title)
-    end = min((i for i in (text.find("\n## ", start + 5), text.find("\n### ", start + 5)) if i >= 0),
-              default=len(text) - 1) + 1
-    return text[:start] + section + text[end:]
-
-
 README_SECTION = "## Does HLoRA forget less"
 
 
@@ -115,12 +107,17 @@ def readme_with_headline(text: str, table: str) -> str:
     return text[:start] + "\n".join(lines) + text[end:]
 
 
-def replace_section(text: str, title: str, section: str, anchor: str) -> str:
-    """`text` with the section starting at `title` replaced by `section` (inserted before `anchor` if absent)."""
+def replace_section(text: str, title: str, section: str, anchor: str | None = None) -> str:
+    """`text` with the section starting at `title` (up to the next heading of its level or above) replaced by
+    `section`; inserted before `anchor` when the title is absent (an error without an anchor)."""
     start = text.find(title)
     if start < 0:
+        if anchor is None:
+            raise ValueError(f"no section {title!r} to replace")
         return text.replace(anchor, section + anchor, 1)
-    end = text.index("\n## ", start + 5) + 1
+    level = len(title) - len(title.lstrip("#"))
+    ends = [text.find("\n" + "#" * k + " ", start + len(title)) for k in range(1, level + 1)]
+    end = min([e for e in ends if e >= 0], default=len(text) - 1) + 1
     return text[:start] + section + text[end:]
 
 
@@ -137,7 +134,7 @@ def main(argv=None) -> int:
     from hlora.files import write_text
 
     if args.section in ("budget", "heldout"):  # the tunes' best fixed points are the held-out grid's cells
-        write_text(BUDGET_DOC, replace_subsection(BUDGET_DOC.read_text(encoding="utf-8"), BUDGET_TITLE, budget_section()))
+        write_text(BUDGET_DOC, replace_section(BUDGET_DOC.read_text(encoding="utf-8"), BUDGET_TITLE, budget_section()))
         print(f"rewrote the table of tunes in {BUDGET_DOC.relative_to(ROOT)}")
         if args.section == "budget":
             return 0

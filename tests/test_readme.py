@@ -22,6 +22,16 @@ FRONTS = README.parent / "results" / "fronts-smollm2"
 RESULTS_README = README.parent / "results" / "README.md"
 
 
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, README.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _table_blocks(text: str) -> list[str]:
     """Each run of consecutive Markdown table lines, as one string."""
     blocks, cur = [], []
@@ -75,7 +85,6 @@ LR = README.parent / "results" / "lr-smollm2"
 def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tmp_path, skip_figure_drawing):
     """The lr sweep's section: results.json holds every committed record, the pick table is pick_lr's output on it,
     and the answer-letters table is a block of the report regenerated from it."""
-    import importlib.util
     import json
 
     from hlora.report import write_report
@@ -83,9 +92,7 @@ def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tm
     results = json.loads((LR / "results.json").read_text())
     assert sorted(r["cell"] for r in results) == sorted(p.stem for p in (LR / "records").glob("*.json")), (
         "run `hlora run configs/lr-smollm2.yaml --collect`")
-    spec = importlib.util.spec_from_file_location("pick_lr", README.parent / "benchmarks" / "pick_lr.py")
-    pick_lr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pick_lr)
+    pick_lr = _benchmark("pick_lr")
     text = RESULTS_README.read_text(encoding="utf-8")
     section = text[text.index("## Each row at its own learning rate"):]
     section = section[:section.index("\n## ", 5)]
@@ -120,11 +127,7 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert tables == (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
     # results/README.md's section on the grid is what benchmarks/results_readme.py generates from these
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_readme", README.parent / "benchmarks" / "results_readme.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _benchmark("results_readme")
     section = gen.heldout_section(len(order))
     assert f"{len(results)} of {len(order)} cells" in section.splitlines()[0] and _table_blocks(section)[0] in tables
     assert section in RESULTS_README.read_text(encoding="utf-8"), "run `python benchmarks/results_readme.py heldout`"
@@ -144,14 +147,10 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
 def test_budget_doc_tables_every_committed_tune():
     """docs/budget.md's table of returned models is what benchmarks/results_readme.py generates from the committed
     tunes (a tune record added without regenerating, or a renamed column, fails here)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_readme", README.parent / "benchmarks" / "results_readme.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _benchmark("results_readme")
     section = gen.budget_section()
     n = len(list(gen.BUDGETS.glob("*.json")))
     assert f"({n} tunes" in section and len(_table_blocks(section)[0].splitlines()) == 2 + n
     doc = gen.BUDGET_DOC.read_text(encoding="utf-8")
     assert section in doc, "run `python benchmarks/results_readme.py budget`"
-    assert gen.replace_subsection(doc, gen.BUDGET_TITLE, section) == doc
+    assert gen.replace_section(doc, gen.BUDGET_TITLE, section) == doc
