@@ -608,3 +608,29 @@ def test_cli_tune_unresolvable_budget_is_a_clear_error(tmp_path, data, capsys):
     rec = json.loads((tmp_path / "tune" / "tune.json").read_text())  # what was tried is on record
     assert rec["winner"] is None and rec["candidates"][0]["error"]
     assert not (tmp_path / "tune" / "adapter").exists()
+
+
+@pytest.mark.filterwarnings("ignore:only α = 0")
+def test_a_kept_coefficient_run_serves_the_budget_levels_it_would_repeat(tmp_path, data, capsys):
+    """With tune.runs_dir, a steered HLoRA run whose φ was kept throughout (stage ν already beyond the budget) is
+    the run a tighter budget would train step for step: that tune reuses it. A budget it starts inside of is
+    steered, so it trains again."""
+    shared = f"tune.runs_dir={tmp_path / 'shared'}"
+    args = [shared, "--method", "hlora", "--lr", "0.05", "search.on_unresolvable=nearest"]
+
+    def run(limit):
+        assert _cli(tmp_path, data, *args, "--budget", f"text:{data}/general.jsonl_kl={limit}") == 0, \
+            capsys.readouterr().err
+        rec = json.loads((tmp_path / "tune" / "tune.json").read_text())
+        (tmp_path / "tune").rename(tmp_path / f"tune-{limit}")
+        return rec["candidates"][0], capsys.readouterr().out
+
+    first, _ = run(1e-5)
+    assert first["dual"]["frozen"] and not first["train"]["reused"]
+    assert min(r["proxy"] for r in first["dual"]["trace"]) > 1e-5  # kept throughout: it starts and stays beyond
+    second, out = run(2e-6)
+    assert second["run"] == first["run"] and second["train"]["reused"] and "reusing" in out
+    assert second["dual"]["shared_from_limit"] == 1e-5 and second["dual"]["trace"] == first["dual"]["trace"]
+    third, _ = run(100.0)  # inside from the start: steered, so its own run
+    assert third["run"] != first["run"] and not third["train"]["reused"] and "frozen" not in third["dual"]
+    assert "shared_from_limit" not in third["dual"]

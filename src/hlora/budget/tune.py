@@ -14,7 +14,9 @@ OUT/ gets runs/<candidate>/ (each a run directory, dual.jsonl with the controlle
 its ΔW scaled by the chosen α: loadable with PeftModel.from_pretrained as it stands) and tune.json (written
 atomically, last): the budget, the slices, every candidate's training cost, controller trace and α points, the
 winner with its validation and test measures, and the total cost in training steps and evaluations. A candidate
-run already finished (DONE) under OUT/runs is reused, so an interrupted tune continues where it stopped.
+run already finished (DONE) under OUT/runs is reused, so an interrupted tune continues where it stopped. With
+`tune.runs_dir`, a steered run whose coefficient was kept throughout serves the other budget levels it would have
+run identically under (_kept_run); its record says so (dual.shared_from_limit).
 """
 from __future__ import annotations
 
@@ -110,6 +112,24 @@ def _placed(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict | None = Non
         return rc
     what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
     return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / f"{label}-{digest(what)}"))
+
+
+def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: float) -> tuple[Path, float] | None:
+    """A finished run of `tune.runs_dir` that this steered run would repeat step for step, and the limit it ran
+    under; else None. A controller that keeps its coefficient (the run starts beyond its target, dual.py) and is
+    never thawed trains exactly as the fixed coefficient does, and so would any controller whose target is at or
+    below every proxy value that run measured: its training does not depend on the budget level. Only the level
+    may differ: the rest of what names the run (config, measure, slices, controller) must give the same digest."""
+    what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
+    for d in sorted(Path(cfg.tune.runs_dir).glob(f"{label}-*")):
+        trace = _read_trace(d) if (d / "DONE").exists() else []
+        if not trace or "frozen" not in trace[0] or any(r.get("thawed") for r in trace):
+            continue
+        limit = trace[0].get("limit")
+        other = {**what, "steer": {**steer, "budget": {**steer["budget"], "limit": limit}}}
+        if d.name == f"{label}-{digest(other)}" and min(r["proxy"] for r in trace) >= target:
+            return d, float(limit)
+    return None
 
 
 def _stage(rc: RunConfig, stage: str, callbacks: list) -> tuple[Path, bool]:
@@ -212,8 +232,15 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
                   "window": ecfg.ppl_window} if steered else None)  # the proxy scores pieces in the measure's window
         rc = _placed(cfg, _run_config(cfg, **changes), label, steer)
         ctrl = DualController(make_proxy(b, gen_val, dcfg, ecfg.ppl_window), b.limit, dcfg) if steered else None
-        echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
-        run, reused = _stage(rc, "domain", [ctrl] if ctrl else [])
+        kept = (_kept_run(cfg, rc, label, steer, dcfg.margin * b.limit)
+                if steered and cfg.tune.runs_dir and not (Path(rc.out) / "DONE").exists() else None)
+        if kept:
+            run, reused = kept[0], True
+            echo(f"  [{label}] reusing {run}: its {name} run under the budget {kept[1]:g} kept the coefficient "
+                 "throughout, as this budget would")
+        else:
+            echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
+            run, reused = _stage(rc, "domain", [ctrl] if ctrl else [])
         steps, train_s = _steps(run)
         rec["run"] = str(run)
         rec["train"] = {"steps": steps, "train_seconds": train_s, "reused": reused}
@@ -222,7 +249,7 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
                 trace = _read_trace(run)
                 rec["dual"] = {"coefficient": trace[0]["coefficient"] if trace else "",
                                "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True,
-                               **kept_note(trace)}
+                               **kept_note(trace), **({"shared_from_limit": kept[1]} if kept else {})}
             else:
                 rec["dual"] = ctrl.summary()
             if rec["dual"].get("frozen"):
