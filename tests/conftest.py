@@ -73,3 +73,22 @@ def embedded_data(monkeypatch):
 
     monkeypatch.setenv("HLORA_DATA", str(EMBEDDED_DATA))
     return EMBEDDED_DATA
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """`bench_script("pick_lr")`: benchmarks/pick_lr.py as a module, loaded once (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # a dataclass in the script looks its module up while it is defined
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+
+    return load

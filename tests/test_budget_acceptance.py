@@ -2,24 +2,17 @@
 finished or unresolved tune becomes a committed record."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("budget_acceptance", ROOT / "benchmarks" / "budget_acceptance.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["budget_acceptance"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def acc(bench_script):
+    return bench_script("budget_acceptance")
 
 
 def test_todo_skips_committed_records_budget_major(acc, tmp_path):

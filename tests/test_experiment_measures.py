@@ -101,18 +101,13 @@ def test_demo_config_plans_on_the_embedded_data(monkeypatch):
     assert get_task("wikitext").eval_texts() and get_task("sciq").eval_items(cfg.eval.limit)
 
 
-def test_heldout_grid_runs_each_row_at_the_lr_the_sweep_picked():
+def test_heldout_grid_runs_each_row_at_the_lr_the_sweep_picked(bench_script):
     """configs/fronts-smollm2-heldout.yaml trains each swept row at the lr benchmarks/pick_lr.py picks from the
     committed lr sweep, and HLoRA's variants and ablations at HLoRA's."""
-    import importlib.util
-
     from hlora.experiment import ROWS
     from hlora.experiment.plan import _row_lr
 
-    spec = importlib.util.spec_from_file_location("pick_lr", ROOT / "benchmarks" / "pick_lr.py")
-    pick_lr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pick_lr)
-    picks = pick_lr.pick(json.loads((ROOT / "results" / "lr-smollm2" / "results.json").read_text()))
+    picks = bench_script("pick_lr").pick(json.loads((ROOT / "results" / "lr-smollm2" / "results.json").read_text()))
     cfg = load_config(ExperimentConfig, ROOT / "configs" / "fronts-smollm2-heldout.yaml")
     assert set(picks) == {"lora_mu", "hlora", "ewc_lora", "replay", "kl_general", "corda_kpm"}
     for row, p in picks.items():

@@ -1,17 +1,17 @@
 """The lr-picking rule of benchmarks/pick_lr.py: within one s.e. of the best validation accuracy, lowest KL."""
-import importlib.util
-from pathlib import Path
+import pytest
 
-spec = importlib.util.spec_from_file_location("pick_lr", Path(__file__).resolve().parents[1] / "benchmarks" / "pick_lr.py")
-pick_lr = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pick_lr)
+
+@pytest.fixture(scope="module")
+def pick_lr(bench_script):
+    return bench_script("pick_lr")
 
 
 def rec(method, lr, acc, kl, n=100):
     return {"method": method, "lr": lr, "acc": acc, "general_kl": kl, "per_item": {"acc": [0] * n}}
 
 
-def test_picks_lowest_kl_within_one_standard_error_of_the_best():
+def test_picks_lowest_kl_within_one_standard_error_of_the_best(pick_lr):
     recs = [rec("a", 1e-4, 0.80, 0.01), rec("a", 3e-4, 0.86, 0.05), rec("a", 1e-3, 0.88, 0.20),  # s.e. 4.6 pts
             rec("b", 1e-4, 0.60, 0.01), rec("b", 1e-3, 0.90, 0.30),  # far apart: the best wins
             rec("c", 1e-3, 0.9, 0.1), {"method": "base", "lr": None, "acc": 0.7}]
@@ -21,7 +21,7 @@ def test_picks_lowest_kl_within_one_standard_error_of_the_best():
     assert abs(picks["a"]["se"] - (2 * 0.88 * 0.12 / 100) ** 0.5) < 1e-12
 
 
-def test_markdown_lists_base_and_every_lr_and_marks_the_pick():
+def test_markdown_lists_base_and_every_lr_and_marks_the_pick(pick_lr):
     recs = [rec("a", 1e-4, 0.80, 0.01), rec("a", 1e-3, 0.88, 0.20)]
     recs[0].update(label="Row A", general_ppl=30.0, transfer={"medmcqa": {"acc": 0.3}})
     base = {"method": "base", "lr": None, "acc": 0.7, "general_ppl": 31.0, "general_kl": 0.0, "battery": {"acc": 0.4}}

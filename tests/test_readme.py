@@ -22,16 +22,6 @@ FRONTS = README.parent / "results" / "fronts-smollm2"
 RESULTS_README = README.parent / "results" / "README.md"
 
 
-def _benchmark(name: str):
-    """benchmarks/<name>.py as a module (the scripts are not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, README.parent / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _table_blocks(text: str) -> list[str]:
     """Each run of consecutive Markdown table lines, as one string."""
     blocks, cur = [], []
@@ -82,7 +72,8 @@ def test_results_readme_bench_table_is_the_committed_json_rendered():
 LR = README.parent / "results" / "lr-smollm2"
 
 
-def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tmp_path, skip_figure_drawing):
+def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tmp_path, skip_figure_drawing,
+                                                                               bench_script):
     """The lr sweep's section: results.json holds every committed record, the pick table is pick_lr's output on it,
     and the answer-letters table is a block of the report regenerated from it."""
     import json
@@ -92,7 +83,7 @@ def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tm
     results = json.loads((LR / "results.json").read_text())
     assert sorted(r["cell"] for r in results) == sorted(p.stem for p in (LR / "records").glob("*.json")), (
         "run `hlora run configs/lr-smollm2.yaml --collect`")
-    pick_lr = _benchmark("pick_lr")
+    pick_lr = bench_script("pick_lr")
     text = RESULTS_README.read_text(encoding="utf-8")
     section = text[text.index("## Each row at its own learning rate"):]
     section = section[:section.index("\n## ", 5)]
@@ -108,7 +99,7 @@ def test_results_readme_lr_sweep_tables_regenerate_from_the_committed_records(tm
 HELDOUT = README.parent / "results" / "fronts-smollm2-heldout"
 
 
-def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, skip_figure_drawing):
+def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, skip_figure_drawing, bench_script):
     """The held-out grid commits its records as they land: results.json holds exactly those, in the plan's order,
     and `hlora report` on it rewrites the committed tables.md byte for byte."""
     import json
@@ -127,7 +118,7 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
     tables = (tmp_path / "tables.md").read_text(encoding="utf-8")
     assert tables == (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
     # results/README.md's section on the grid is what benchmarks/results_readme.py generates from these
-    gen = _benchmark("results_readme")
+    gen = bench_script("results_readme")
     section = gen.heldout_section(len(order))
     assert f"{len(results)} of {len(order)} cells" in section.splitlines()[0] and _table_blocks(section)[0] in tables
     assert section in RESULTS_README.read_text(encoding="utf-8"), "run `python benchmarks/results_readme.py heldout`"
@@ -144,10 +135,10 @@ def test_heldout_grid_results_and_report_regenerate_from_its_records(tmp_path, s
         gen.readme_with_headline(text.replace(head, head + "\n\ntext\n\n" + head), head)
 
 
-def test_budget_doc_tables_every_committed_tune():
+def test_budget_doc_tables_every_committed_tune(bench_script):
     """docs/budget.md's table of returned models is what benchmarks/results_readme.py generates from the committed
     tunes (a tune record added without regenerating, or a renamed column, fails here)."""
-    gen = _benchmark("results_readme")
+    gen = bench_script("results_readme")
     section = gen.budget_section()
     n = len(list(gen.BUDGETS.glob("*.json")))
     assert f"({n} tunes" in section and len(_table_blocks(section)[0].splitlines()) == 2 + n
