@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def acc(bench_script):
     return bench_script("budget_acceptance")
