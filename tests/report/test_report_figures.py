@@ -213,6 +213,18 @@ def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
     assert [verdict(t(f)) for f in (0.05, 0.0549, 0.04, 0.0551, 0.058, 0.0581)] == [
         "within ±10 %", "within ±10 %", "under", "over, within s.e.", "over, within s.e.", "OVER"]
     assert verdict({"budget": {"limit": 1.0}, "winner": None}) == "none returned"
+    # under with α = 1 and nothing holding the training back: the budget did not bind
+    relaxed = {**t(0.01), "candidates": [{"label": "kl_general", "dual": {"trace": [{"value": 0.1}, {"value": 1e-5}]}}]}
+    relaxed["winner"].update(label="kl_general", alpha=1.0, coefficient=1e-5)
+    assert verdict(relaxed) == "under, not binding"
+    relaxed["winner"]["coefficient"] = 0.2  # the controller raised it: it bound, and the run undershot
+    assert verdict(relaxed) == "under"
+    relaxed["winner"].update(coefficient=None, alpha=1.0)  # plain LoRA, whole
+    assert verdict(relaxed) == "under, not binding"
+    relaxed["winner"]["alpha"] = 0.9  # scaled down: the α search spent the budget
+    assert verdict(relaxed) == "under"
+    assert "1 is under a budget that did not bind" in tuned_markdown([{**relaxed, "winner": {**relaxed["winner"],
+                                                                                           "alpha": 1.0}}])
 
     def rec(method, seed, acc, kl, ppl, bat, sweep=None):
         r = cell(method, "sciq", seed, acc, ppl, kl=kl, sweep=sweep, main=sweep is None)

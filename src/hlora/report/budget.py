@@ -124,10 +124,25 @@ def grouped_marks(marks: list[dict]) -> list[dict]:
     return out
 
 
+def _slack(t: dict) -> bool:
+    """The budget did not bind the returned model: it is the whole adapter (α = 1) and nothing held its training
+    back (plain LoRA, or a coefficient its controller lowered from the start because the proxy read under target),
+    so there was no more domain accuracy to buy with the rest of the budget."""
+    w = t.get("winner") or {}
+    if float(w.get("alpha", 0.0)) < 1.0:
+        return False
+    if w.get("coefficient") is None:
+        return True
+    cand = next((c for c in t.get("candidates") or [] if c.get("label") == w.get("label")), {})
+    trace = (cand.get("dual") or {}).get("trace") or []
+    return bool(trace) and float(w["coefficient"]) < float(trace[0]["value"])
+
+
 def verdict(t: dict) -> str:
-    """The returned model's *test* forgetting against its budget: "within ±10 %" of the limit, "under" it,
-    "over, within s.e." (above by no more than the validation slice's standard error: what the search could not
-    see) or "OVER" (above by more: a miss); "none returned" when the search gave no model."""
+    """The returned model's *test* forgetting against its budget: "within ±10 %" of the limit, "under" it
+    ("under, not binding" when the budget did not bind the model, see _slack), "over, within s.e." (above by no more
+    than the validation slice's standard error: what the search could not see) or "OVER" (above by more: a miss);
+    "none returned" when the search gave no model."""
     w = t.get("winner") or {}
     test = w.get("test") or {}
     if "forgetting" not in test:
@@ -137,7 +152,7 @@ def verdict(t: dict) -> str:
     if abs(f - limit) <= 0.1 * abs(limit):
         return "within ±10 %"
     if f < limit:
-        return "under"
+        return "under, not binding" if _slack(t) else "under"
     return "over, within s.e." if f - limit <= se else "OVER"
 
 
@@ -223,6 +238,9 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
                  _file_label(t.get("path", ""))]
         rows.append("| " + " | ".join(cells) + " |")
     verdicts = [verdict(t) for t in tuned]
+    slack = verdicts.count("under, not binding")
     return ("\n".join(rows) + f"\n\n{verdicts.count('within ±10 %')} of {len(tuned)} returned models land within "
             f"±10 % of their budget on the test slice; {verdicts.count('OVER')} are above it by more than the "
-            "validation slice's standard error.\n")
+            "validation slice's standard error"
+            + (f"; {slack} {'is' if slack == 1 else 'are'} under a budget that did not bind (the whole adapter, its "
+               "coefficient relaxed by the controller or none)" if slack else "") + ".\n")
