@@ -110,8 +110,12 @@ def _placed(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict | None = Non
     that determines the run> (for a steered run that includes the budget, the controller and the slices)."""
     if not cfg.tune.runs_dir:
         return rc
-    what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
-    return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / f"{label}-{digest(what)}"))
+    return dataclasses.replace(rc, out=str(Path(cfg.tune.runs_dir) / _run_name(rc, label, steer)))
+
+
+def _run_name(rc: RunConfig, label: str, steer: dict | None) -> str:
+    """<label>-<digest of the run's settings and, for a steered run, its steering> (rc.out left out)."""
+    return f"{label}-{digest({'run': to_dict(dataclasses.replace(rc, out='')), 'steer': steer})}"
 
 
 def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: float) -> tuple[Path, float] | None:
@@ -120,14 +124,14 @@ def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: f
     never thawed trains exactly as the fixed coefficient does, and so would any controller whose target is at or
     below every proxy value that run measured: its training does not depend on the budget level. Only the level
     may differ: the rest of what names the run (config, measure, slices, controller) must give the same digest."""
-    what = {"run": to_dict(dataclasses.replace(rc, out="")), "steer": steer}
     for d in sorted(Path(cfg.tune.runs_dir).glob(f"{label}-*")):
         trace = _read_trace(d) if (d / "DONE").exists() else []
-        if not trace or "frozen" not in trace[0] or any(r.get("thawed") for r in trace):
+        kept = kept_note(trace)
+        if not kept or "thawed_at" in kept:
             continue
         limit = trace[0].get("limit")
-        other = {**what, "steer": {**steer, "budget": {**steer["budget"], "limit": limit}}}
-        if d.name == f"{label}-{digest(other)}" and min(r["proxy"] for r in trace) >= target:
+        other = {**steer, "budget": {**steer["budget"], "limit": limit}}
+        if d.name == _run_name(rc, label, other) and min(r["proxy"] for r in trace) >= target:
             return d, float(limit)
     return None
 
