@@ -630,6 +630,7 @@ def test_a_kept_coefficient_run_serves_the_budget_levels_it_would_repeat(tmp_pat
     assert min(r["proxy"] for r in first["dual"]["trace"]) > 1e-5  # kept throughout: it starts and stays beyond
     second, out = run(2e-6)
     assert second["run"] == first["run"] and second["train"]["reused"] and "reusing" in out
+    assert "not steered (in the run it reuses, under the budget 1e-05)" in out  # the note names the other target
     assert second["dual"]["shared_from_limit"] == 1e-5 and second["dual"]["trace"] == first["dual"]["trace"]
     third, _ = run(100.0)  # inside from the start: steered, so its own run
     assert third["run"] != first["run"] and not third["train"]["reused"] and "frozen" not in third["dual"]

@@ -258,7 +258,8 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
                 rec["dual"] = ctrl.summary()
             if rec["dual"].get("frozen"):
                 thawed = rec["dual"].get("thawed_at")
-                echo(f"  [{label}] not steered: {rec['dual']['frozen']}"
+                src = f" (in the run it reuses, under the budget {kept[1]:g})" if kept else ""  # its target, not ours
+                echo(f"  [{label}] not steered{src}: {rec['dual']['frozen']}"
                      + (f"; steered again from step {thawed}" if thawed is not None else ""))
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
         model = load_adapter(load_model(cfg.model)[0], run / "adapter")
