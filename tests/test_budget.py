@@ -618,8 +618,8 @@ def test_a_kept_coefficient_run_serves_the_budget_levels_it_would_repeat(tmp_pat
     shared = f"tune.runs_dir={tmp_path / 'shared'}"
     args = [shared, "--method", "hlora", "--lr", "0.05", "search.on_unresolvable=nearest"]
 
-    def run(limit):
-        assert _cli(tmp_path, data, *args, "--budget", f"text:{data}/general.jsonl_kl={limit}") == 0, \
+    def run(limit, *more):
+        assert _cli(tmp_path, data, *args, *more, "--budget", f"text:{data}/general.jsonl_kl={limit}") == 0, \
             capsys.readouterr().err
         rec = json.loads((tmp_path / "tune" / "tune.json").read_text())
         (tmp_path / "tune").rename(tmp_path / f"tune-{limit}")
@@ -632,6 +632,8 @@ def test_a_kept_coefficient_run_serves_the_budget_levels_it_would_repeat(tmp_pat
     assert second["run"] == first["run"] and second["train"]["reused"] and "reusing" in out
     assert "not steered (in the run it reuses, under the budget 1e-05)" in out  # the note names the other target
     assert second["dual"]["shared_from_limit"] == 1e-5 and second["dual"]["trace"] == first["dual"]["trace"]
+    fourth, _ = run(3e-6, "dual.margin=1.0")  # another margin, a target still below the run: the same run again
+    assert fourth["run"] == first["run"] and fourth["train"]["reused"] and fourth["dual"]["shared_from_limit"] == 1e-5
     third, _ = run(100.0)  # inside from the start: steered, so its own run
     assert third["run"] != first["run"] and not third["train"]["reused"] and "frozen" not in third["dual"]
     assert "shared_from_limit" not in third["dual"]

@@ -123,14 +123,16 @@ def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: f
     under; else None. A controller that keeps its coefficient (the run starts beyond its target, dual.py) and is
     never thawed trains exactly as the fixed coefficient does, and so would any controller whose target is at or
     below every proxy value that run measured: its training does not depend on the budget level. Only the level
-    may differ: the rest of what names the run (config, measure, slices, controller) must give the same digest."""
+    and dual.margin (the target they make together) may differ: the rest of what names the run (config, measure,
+    slices, controller) must give the same digest."""
     for d in sorted(Path(cfg.tune.runs_dir).glob(f"{label}-*")):
         trace = _read_trace(d) if (d / "DONE").exists() else []
         kept = kept_note(trace)
         if not kept or "thawed_at" in kept:
             continue
         limit = trace[0].get("limit")
-        other = {**steer, "budget": {**steer["budget"], "limit": limit}}
+        margin = round(trace[0]["target"] / limit, 12) if trace[0].get("target") and limit else steer["dual"]["margin"]
+        other = {**steer, "budget": {**steer["budget"], "limit": limit}, "dual": {**steer["dual"], "margin": margin}}
         if d.name == _run_name(rc, label, other) and min(r["proxy"] for r in trace) >= target:
             return d, float(limit)
     return None
