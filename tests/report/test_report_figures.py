@@ -172,6 +172,27 @@ def test_budget_marks_of_one_budget_merge_over_seeds():
     assert other_budget["label"] == "hlora tune → none (α = 1), c4_kl ≤ 0.02"  # one lr: not named
 
 
+def test_a_tune_at_another_controller_margin_is_not_merged_with_the_seeds_of_the_default():
+    """The same budget at the same lrs but another dual.margin is another regime: its own point, labelled by the
+    margin alone (the lr, the same for both, is not named)."""
+    from hlora.report.budget import _regime, grouped_marks
+
+    cfg = {"train": {"lr": 1e-3}, "tune": {"lr": {"none": 1e-3, "hlora": 3e-3}}}
+    default, aimed = (_regime({"config": {**cfg, "dual": {"margin": m}}}) for m in (0.9, 1.0))
+    assert (default, aimed) == ("each row's lr; dual.margin 0.9", "each row's lr; dual.margin 1")
+
+    def m(x, regime):
+        return {"metric": "general_kl", "line": 0.1, "budget": "c4_kl ≤ 0.1", "x": x, "y": 0.08, "winner": "ewc",
+                "regime": regime, "label": "hlora tune → ewc (α = 1)"}
+
+    g = grouped_marks([m(0.90, default), m(0.91, default), m(0.92, aimed)])
+    assert [x["n"] for x in g] == [2, 1] and g[0]["variant"] != g[1]["variant"]
+    assert g[0]["label"].endswith("c4_kl ≤ 0.1 at dual.margin 0.9")
+    assert g[1]["label"] == "hlora tune → ewc (α = 1), c4_kl ≤ 0.1 at dual.margin 1"
+    alone = grouped_marks([m(0.90, default), m(0.91, default)])  # one regime: nothing named
+    assert alone[0]["label"].endswith("(2 tunes, mean ± std), c4_kl ≤ 0.1")
+
+
 def test_fronts_draw_budgets_and_the_report_lists_them(write_results, tmp_path, monkeypatch):
     import pytest
     from report_records import to_new_format

@@ -86,17 +86,29 @@ def budget_marks(records: Iterable[dict], tuned: Iterable[dict], task: str) -> l
 
 
 def _regime(t: dict) -> str:
-    """The stage-μ learning rates a tune trained its candidates at, as text: "lr 0.003" when one for all, else
-    "each row's lr"."""
+    """What a tune trained its candidates under, as text: the stage-μ learning rates ("lr 0.003" when one for all,
+    else "each row's lr") and, where the record states it, the margin its controller aimed at
+    ("lr 0.003; dual.margin 0.9"). Tunes of one budget merge only under the same regime."""
     cfg = t.get("config") or {}
     lrs = set(((cfg.get("tune") or {}).get("lr") or {}).values()) or {(cfg.get("train") or {}).get("lr")}
-    return f"lr {next(iter(lrs)):g}" if len(lrs) == 1 and None not in lrs else "each row's lr"
+    lr = f"lr {next(iter(lrs)):g}" if len(lrs) == 1 and None not in lrs else "each row's lr"
+    margin = (cfg.get("dual") or {}).get("margin")
+    return lr if margin is None else f"{lr}; dual.margin {margin:g}"
+
+
+def _regime_text(regime: str, others: set[str]) -> str:
+    """" at <the parts of `regime` in which the regimes of its budget differ>", or "" where they do not."""
+    split = [r.split("; ") for r in others]
+    parts = regime.split("; ")
+    varying = [p for i, p in enumerate(parts) if len({r[i] if i < len(r) else "" for r in split}) > 1]
+    return f" at {', '.join(varying)}" if varying else ""
 
 
 def grouped_marks(marks: list[dict]) -> list[dict]:
     """The marks of one budget at one set of stage-μ learning rates (the seeds of a tune) as one: the point at the
     mean of the returned models' (accuracy, forgetting), with their std (`xerr`, `yerr`; 0 for one tune), labelled
-    with the winners and how often each won. The lr enters the label only where a budget was tuned at several."""
+    with the winners and how often each won. The lr (the margin) enters the label only where a budget was tuned at
+    several."""
     groups: dict[tuple, list[dict]] = {}
     for m in marks:
         groups.setdefault((m["metric"], m["budget"], m.get("regime", "")), []).append(m)
@@ -105,7 +117,7 @@ def grouped_marks(marks: list[dict]) -> list[dict]:
         regimes.setdefault((metric, budget), set()).add(regime)
     out = []
     for (metric, budget, regime), ms in groups.items():
-        at = f" at {regime}" if len(regimes[(metric, budget)]) > 1 and regime else ""
+        at = _regime_text(regime, regimes[(metric, budget)]) if regime else ""
         pts = [(m["x"], m["y"]) for m in ms if m["x"] is not None and m["y"] is not None]
         if len(ms) == 1:
             label = f"{ms[0]['label']}, {budget}{at}"
