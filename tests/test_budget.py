@@ -632,8 +632,29 @@ def test_a_kept_coefficient_run_serves_the_budget_levels_it_would_repeat(tmp_pat
     assert second["run"] == first["run"] and second["train"]["reused"] and "reusing" in out
     assert "not steered (in the run it reuses, under the budget 1e-05)" in out  # the note names the other target
     assert second["dual"]["shared_from_limit"] == 1e-5 and second["dual"]["trace"] == first["dual"]["trace"]
-    fourth, _ = run(3e-6, "dual.margin=1.0")  # another margin, a target still below the run: the same run again
+    assert second["dual"]["shared_from_margin"] == DualConfig().margin
+    fourth, out = run(3e-6, "dual.margin=1.0")  # another margin, a target still below the run: the same run again
     assert fourth["run"] == first["run"] and fourth["train"]["reused"] and fourth["dual"]["shared_from_limit"] == 1e-5
+    assert fourth["dual"]["shared_from_margin"] == DualConfig().margin  # the record says which target it ran at
+    assert f"under the budget 1e-05 at dual.margin {DualConfig().margin:g}" in out
     third, _ = run(100.0)  # inside from the start: steered, so its own run
     assert third["run"] != first["run"] and not third["train"]["reused"] and "frozen" not in third["dual"]
     assert "shared_from_limit" not in third["dual"]
+
+
+def test_the_winner_is_the_most_accurate_then_the_larger_alpha_then_the_lower_forgetting():
+    """Ties on validation accuracy are common at a few hundred items: the rule, not the candidate order, decides."""
+    from hlora.budget.alpha import AlphaResult
+    from hlora.budget.tune import pick_winner
+
+    def cand(label, acc, alpha, forgetting, **more):
+        return {"label": label, "_result": AlphaResult(limit=0.1, chosen=Point(alpha, forgetting, 0.01, acc)), **more}
+
+    assert pick_winner([cand("a", 0.89, 1.0, 0.05), cand("b", 0.90, 0.5, 0.09)])["label"] == "b"  # accuracy first
+    assert pick_winner([cand("a", 0.90, 0.8, 0.05), cand("b", 0.90, 1.0, 0.09)])["label"] == "b"  # then larger α
+    assert pick_winner([cand("a", 0.90, 1.0, 0.083), cand("b", 0.90, 1.0, 0.082)])["label"] == "b"  # then forgetting
+    assert pick_winner([cand("a", 0.90, 1.0, 0.08), cand("b", 0.90, 1.0, 0.08)])["label"] == "a"  # then the order
+    # a resolved candidate beats a more accurate one returned with a warning; an error is never the winner
+    assert pick_winner([cand("a", 0.85, 1.0, 0.05), cand("b", 0.95, 1.0, 0.05, warning="nearest")])["label"] == "a"
+    assert pick_winner([cand("a", 0.95, 1.0, 0.05, warning="nearest"), cand("b", 0.99, 1.0, 0.0, error="x")])["label"] == "a"
+    assert pick_winner([cand("a", 0.95, 1.0, 0.05, error="x")]) is None

@@ -16,7 +16,7 @@ atomically, last): the budget, the slices, every candidate's training cost, cont
 winner with its validation and test measures, and the total cost in training steps and evaluations. A candidate
 run already finished (DONE) under OUT/runs is reused, so an interrupted tune continues where it stopped. With
 `tune.runs_dir`, a steered run whose coefficient was kept throughout serves the other budget levels it would have
-run identically under (_kept_run); its record says so (dual.shared_from_limit).
+run identically under (_kept_run); its record says so (dual.shared_from_limit, dual.shared_from_margin).
 """
 from __future__ import annotations
 
@@ -118,9 +118,20 @@ def _run_name(rc: RunConfig, label: str, steer: dict | None) -> str:
     return f"{label}-{digest({'run': to_dict(dataclasses.replace(rc, out='')), 'steer': steer})}"
 
 
-def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: float) -> tuple[Path, float] | None:
-    """A finished run of `tune.runs_dir` that this steered run would repeat step for step, and the limit it ran
-    under; else None. A controller that keeps its coefficient (the run starts beyond its target, dual.py) and is
+def pick_winner(candidates: list[dict]) -> dict | None:
+    """The most domain-accurate candidate on validation among those the α search resolved (else among those it
+    resolved with a warning). A tie goes to the larger α (less of the adapter given up), then to the lower validation
+    forgetting; only a tie on all three goes to the candidate order (at a few hundred items equal accuracies are
+    common). Each candidate carries its search result as `_result`."""
+    ok = [r for r in candidates if "error" not in r and "warning" not in r] or [r for r in candidates if "error" not in r]
+    return max(ok, key=lambda r: (r["_result"].chosen.domain_acc, r["_result"].chosen.alpha,
+                                  -r["_result"].chosen.forgetting), default=None)
+
+
+def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict,
+              target: float) -> tuple[Path, float, float] | None:
+    """A finished run of `tune.runs_dir` that this steered run would repeat step for step, and the limit and
+    dual.margin it ran under; else None. A controller that keeps its coefficient (the run starts beyond its target, dual.py) and is
     never thawed trains exactly as the fixed coefficient does, and so would any controller whose target is at or
     below every proxy value that run measured: its training does not depend on the budget level. Only the level
     and dual.margin (the target they make together) may differ: the rest of what names the run (config, measure,
@@ -134,7 +145,7 @@ def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict, target: f
         margin = round(trace[0]["target"] / limit, 12) if trace[0].get("target") and limit else steer["dual"]["margin"]
         other = {**steer, "budget": {**steer["budget"], "limit": limit}, "dual": {**steer["dual"], "margin": margin}}
         if d.name == _run_name(rc, label, other) and min(r["proxy"] for r in trace) >= target:
-            return d, float(limit)
+            return d, float(limit), float(margin)
     return None
 
 
@@ -242,7 +253,8 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
                 if steered and cfg.tune.runs_dir and not (Path(rc.out) / "DONE").exists() else None)
         if kept:
             run, reused = kept[0], True
-            echo(f"  [{label}] reusing {run}: its {name} run under the budget {kept[1]:g} kept the coefficient "
+            other = f"{kept[1]:g}" + (f" at dual.margin {kept[2]:g}" if kept[2] != dcfg.margin else "")
+            echo(f"  [{label}] reusing {run}: its {name} run under the budget {other} kept the coefficient "
                  "throughout, as this budget would")
         else:
             echo(f"  [{label}] training ({name}{', coefficient steered' if steered else ''}) -> {rc.out}")
@@ -255,12 +267,13 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
                 trace = _read_trace(run)
                 rec["dual"] = {"coefficient": trace[0]["coefficient"] if trace else "",
                                "final": trace[-1]["value"] if trace else None, "trace": trace, "reused": True,
-                               **kept_note(trace), **({"shared_from_limit": kept[1]} if kept else {})}
+                               **kept_note(trace),
+                               **({"shared_from_limit": kept[1], "shared_from_margin": kept[2]} if kept else {})}
             else:
                 rec["dual"] = ctrl.summary()
             if rec["dual"].get("frozen"):
                 thawed = rec["dual"].get("thawed_at")
-                src = f" (in the run it reuses, under the budget {kept[1]:g})" if kept else ""  # its target, not ours
+                src = f" (in the run it reuses, under the budget {other})" if kept else ""  # its target, not ours
                 echo(f"  [{label}] not steered{src}: {rec['dual']['frozen']}"
                      + (f"; steered again from step {thawed}" if thawed is not None else ""))
         # α search on the trained adapter: the model is loaded once and rescaled in place for every α.
@@ -292,9 +305,7 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
         candidates.append(rec)
         del model
 
-    # The winner: the most domain-accurate on validation among those the search resolved (then those with a warning).
-    ok = [r for r in candidates if "error" not in r and "warning" not in r] or [r for r in candidates if "error" not in r]
-    winner = max(ok, key=lambda r: (r["_result"].chosen.domain_acc, r["_result"].chosen.alpha), default=None)
+    winner = pick_winner(candidates)
     train_steps = sum(r["train"]["steps"] for r in candidates) + nu["steps"]
     evaluations = sum(r["_result"].evaluations for r in candidates) + 1  # + the base model's point
     record = {
