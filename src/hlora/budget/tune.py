@@ -133,9 +133,9 @@ def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict,
     """A finished run of `tune.runs_dir` that this steered run would repeat step for step, and the limit and
     dual.margin it ran under; else None. A controller that keeps its coefficient (the run starts beyond its
     target, dual.py) and is never thawed trains exactly as the fixed coefficient does, and so would any controller
-    whose target is at or below every proxy value that run measured: its training does not depend on the budget level. Only the level
-    and dual.margin (the target they make together) may differ: the rest of what names the run (config, measure,
-    slices, controller) must give the same digest."""
+    whose target is at or below every proxy value that run measured: its training does not depend on the budget
+    level. Only the level and dual.margin (the target they make together) may differ: the rest of what names the
+    run (config, measure, slices, controller) must give the same digest."""
     for d in sorted(Path(cfg.tune.runs_dir).glob(f"{label}-*")):
         trace = _read_trace(d) if (d / "DONE").exists() else []
         kept = kept_note(trace)
