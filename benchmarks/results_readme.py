@@ -85,9 +85,10 @@ def budget_section() -> str:
 Generated from `results/budget-smollm2/` by `python benchmarks/results_readme.py budget` (the same table as `hlora
 report results/fronts-smollm2-heldout/results.json --tune results/budget-smollm2/*.json`). Forgetting in the budget's
 units (nats/token, or % rise), validation on tune's own slice, test on the grid's; "best fixed point": the most
-SciQ-accurate cell of the held-out grid (same seed) within the budget on the grid's test slice, among the cells
-committed so far (SciQ cells, {cells}). It is picked by its test accuracy, which the returned model never sees
-(tune picks on validation): the best of some thirty cells, each ±2.4 points on 150 items, so an optimistic mark.
+SciQ-accurate cell of the held-out grid (same seed) within the budget on the grid's test slice,
+among the cells committed so far (SciQ cells, {cells}).
+It is picked by its test accuracy, which the returned model never sees (tune picks on validation): the best of some
+thirty cells, each ±2.4 points on 150 items, so an optimistic mark.
 
 {tuned_markdown(tunes, records)}
 """
