@@ -50,7 +50,7 @@ full report, tables and figures, is in `fronts-smollm2-heldout/report/`):
 HEADLINE = [("Base", "main"), ("LoRA(μ)", "lr = 0.001"), ("LoRA(ν+μ)", "main"), ("HLoRA", "phi = 1 (reference)"),
             ("HLoRA", "phi = 100"), ("HLoRA −layer,element", "main"), ("EWC-LoRA", "lam = 5000"),
             ("Replay", "rho = 0.25"), ("KL-to-base (general)", "beta = 1"), ("KL-to-base (general)", "beta = 10"),
-            ("WiSE-FT of LoRA(μ)", "alpha = 0.5"), ("WiSE-FT of HLoRA", "alpha = 0.5")]
+            ("CorDA-KPM", "main"), ("WiSE-FT of LoRA(μ)", "alpha = 0.5"), ("WiSE-FT of HLoRA", "alpha = 0.5")]
 
 
 def headline_table(tables: str | None = None) -> str:
