@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Rewrite the generated sections of results/README.md from the committed results (run from the repo root).
 
-    python benchmarks/results_readme.py heldout    # the held-out grid in progress: cell count, SciQ front points
+    python benchmarks/results_readme.py heldout    # the held-out grid: cell count, front points (SciQ while in
+                                                   # progress; PIQA and MedMCQA too once every cell is in)
                                                    # (and docs/budget.md's table, whose fixed points are its cells)
     python benchmarks/results_readme.py headline   # prints the README's headline table from the held-out grid
     python benchmarks/results_readme.py readme     # rewrites that table in README.md (the prose around it is typed)
@@ -19,28 +20,52 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "results" / "fronts-smollm2-heldout"
-TITLE = "## The comparison on held-out measures, in progress"
+TITLE = "## The comparison on held-out measures"  # ", in progress" follows while cells are missing
 ANCHOR = "## Forgetting curves of plain LoRA(μ) on held-out measures"
 BUDGETS = ROOT / "results" / "budget-smollm2"
 BUDGET_DOC = ROOT / "docs" / "budget.md"
 BUDGET_TITLE = "### Every returned model"
 
 
+def _front_points(tables: str, task: str) -> str:
+    i = tables.index("|", tables.index(f"### Front points: {task} (seed means)"))
+    return tables[i:tables.index("\n\n", i)]
+
+
 def heldout_section(n_cells: int) -> str:
-    """The section for the held-out grid: its records so far and the SciQ front points of its report."""
+    """The section for the held-out grid: its records so far and the SciQ front points of its report; once every
+    cell is in, the PIQA and MedMCQA front points too."""
     results = json.loads((HELDOUT / "results.json").read_text())
     tables = (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
-    i = tables.index("|", tables.index("### Front points: SciQ (seed means)"))
-    front = tables[i:tables.index("\n\n", i)]
-    return f"""{TITLE} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)
+    done = len(results) == n_cells
+    head = (f"{TITLE} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)" if done else
+            f"{TITLE}, in progress (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)")
+    intro = f"""{head}
 
 `hlora run configs/fronts-smollm2-heldout.yaml` (resumable from its committed records): every row and front of the
 WikiText-2 grid, each row at the lr the sweep below picked, scored on SciQ test (150 items), C4 (8,192 tokens, with
 KL to Base), the battery (100 items a task) and WikiText-2 (stage ν's own text), PIQA and MedMCQA as transfer tasks.
-The headline's cells run first (seed 0, then 1 and 2), then the rest of the fronts. The cells so far, SciQ (the
+"""
+    if not done:
+        return intro + f"""The headline's cells run first (seed 0, then 1 and 2), then the rest of the fronts. The cells so far, SciQ (the
 full report, tables and figures, is in `fronts-smollm2-heldout/report/`):
 
-{front}
+{_front_points(tables, "SciQ")}
+
+"""
+    return intro + f"""SciQ over seeds 0–2, PIQA and MedMCQA (tuned on each, thinned sweeps) over seed 0; the full report (paired
+tests, matched-accuracy tables, cross-task retention, answer letters, compute, figures) is in
+`fronts-smollm2-heldout/report/`. SciQ:
+
+{_front_points(tables, "SciQ")}
+
+PIQA (seed 0; 150 test items, ±3.9 points a cell):
+
+{_front_points(tables, "PIQA")}
+
+MedMCQA (seed 0; 150 test items, ±3.9 points a cell; chance 25 %, and Base answers "A" on every item):
+
+{_front_points(tables, "MedMCQA")}
 
 """
 
