@@ -27,9 +27,14 @@ BUDGET_DOC = ROOT / "docs" / "budget.md"
 BUDGET_TITLE = "### Every returned model"
 
 
-def _front_points(tables: str, task: str) -> str:
-    i = tables.index("|", tables.index(f"### Front points: {task} (seed means)"))
+def _table_after(tables: str, heading: str) -> str:
+    """The first markdown table after `heading` in a report's tables.md (up to the blank line that ends it)."""
+    i = tables.index("|", tables.index(heading))
     return tables[i:tables.index("\n\n", i)]
+
+
+def _front_points(tables: str, task: str) -> str:
+    return _table_after(tables, f"### Front points: {task} (seed means)")
 
 
 def heldout_section(n_cells: int) -> str:
@@ -38,9 +43,7 @@ def heldout_section(n_cells: int) -> str:
     results = json.loads((HELDOUT / "results.json").read_text())
     tables = (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
     done = len(results) == n_cells
-    head = (f"{TITLE} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)" if done else
-            f"{TITLE}, in progress (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)")
-    intro = f"""{head}
+    intro = f"""{TITLE}{"" if done else ", in progress"} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)
 
 `hlora run configs/fronts-smollm2-heldout.yaml` (resumable from its committed records): every row and front of the
 WikiText-2 grid, each row at the lr the sweep below picked, scored on SciQ test (150 items), C4 (8,192 tokens, with
@@ -82,8 +85,7 @@ def headline_table(tables: str | None = None) -> str:
     """The HEADLINE rows of the held-out report's SciQ head-to-head table (header first), in HEADLINE's order; rows
     the grid has not reached are left out."""
     tables = tables if tables is not None else (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
-    start = tables.index("|", tables.index("#### SciQ: every point against"))
-    block = tables[start:tables.index("\n\n", start)].splitlines()
+    block = _table_after(tables, "#### SciQ: every point against").splitlines()
     rows = [next((line for line in block if line.startswith(f"| {row} | {point} |")), None) for row, point in HEADLINE]
     return "\n".join(block[:2] + [r for r in rows if r is not None])
 
