@@ -244,8 +244,9 @@ def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
     assert verdict(relaxed) == "under, not binding"
     relaxed["winner"]["alpha"] = 0.9  # scaled down: the α search spent the budget
     assert verdict(relaxed) == "under"
-    assert "1 is under a budget that did not bind" in tuned_markdown([{**relaxed, "winner": {**relaxed["winner"],
-                                                                                           "alpha": 1.0}}])
+    summary = tuned_markdown([{**relaxed, "winner": {**relaxed["winner"], "alpha": 1.0}}]).split("\n\n")[-1]
+    assert "1 is under a budget that did not bind" in " ".join(summary.split())
+    assert max(map(len, summary.splitlines())) <= 118  # wrapped like the prose around it
 
     def rec(method, seed, acc, kl, ppl, bat, sweep=None):
         r = cell(method, "sciq", seed, acc, ppl, kl=kl, sweep=sweep, main=sweep is None)

@@ -11,6 +11,7 @@ test slice, so the point sits on the fronts' axes through Base, not through the 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Iterable
 
@@ -251,8 +252,9 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     verdicts = [verdict(t) for t in tuned]
     slack = verdicts.count("under, not binding")
-    return ("\n".join(rows) + f"\n\n{verdicts.count('within ±10 %')} of {len(tuned)} returned models land within "
-            f"±10 % of their budget on the test slice; {verdicts.count('OVER')} are above it by more than the "
-            "validation slice's standard error"
-            + (f"; {slack} {'is' if slack == 1 else 'are'} under a budget that did not bind (the whole adapter, its "
-               "coefficient relaxed by the controller or none)" if slack else "") + ".\n")
+    summary = (f"{verdicts.count('within ±10 %')} of {len(tuned)} returned models land within ±10 % of their budget "
+               f"on the test slice; {verdicts.count('OVER')} are above it by more than the validation slice's standard "
+               "error" + (f"; {slack} {'is' if slack == 1 else 'are'} under a budget that did not bind (the whole "
+                          "adapter, its coefficient relaxed by the controller or none)" if slack else "") + ".")
+    # wrapped like the prose around it: the sentence lands in docs that are read as plain text too
+    return "\n".join(rows) + "\n\n" + textwrap.fill(summary, width=118, break_on_hyphens=False) + "\n"
