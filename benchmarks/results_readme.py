@@ -43,7 +43,7 @@ def heldout_section(n_cells: int) -> str:
     results = json.loads((HELDOUT / "results.json").read_text())
     tables = (HELDOUT / "report" / "tables.md").read_text(encoding="utf-8")
     done = len(results) == n_cells
-    intro = f"""{TITLE}{"" if done else ", in progress"} (`fronts-smollm2-heldout/`, {len(results)} of {n_cells} cells)
+    intro = f"""{TITLE}{"" if done else ", in progress"} (`fronts-smollm2-heldout/`, {f"all {n_cells}" if done else f"{len(results)} of {n_cells}"} cells)
 
 `hlora run configs/fronts-smollm2-heldout.yaml` (resumable from its committed records): every row and front of the
 WikiText-2 grid, each row at the lr the sweep below picked, scored on SciQ test (150 items), C4 (8,192 tokens, with
