@@ -13,7 +13,8 @@ with u = log c for coefficients that act multiplicatively (φ, β, λ: a range b
 for ρ (a share in [0, 0.9]: linear steps of 0.2·η per unit violation), clipped to the method's range
 (anti-windup: u is clipped with c, so a coefficient pinned at a bound reacts at once when the sign changes).
 The target is margin·limit (0.9 by default): the proxy is small and the final model is checked on the
-validation slice by the α search anyway.
+validation slice by the α search anyway. With dual.smooth = w > 0 the update acts on an exponential moving average
+of the readings (level ← w·level + (1 − w)·measured) instead of each reading: off by default (docs/budget.md).
 
 Choice of η, K and kp (docs/budget.md has the study, benchmarks/dual_study.py runs it): forgetting responds to
 the coefficient with a lag and a dead zone (what the adapter learned stays until training pulls it back), so the
@@ -52,6 +53,7 @@ class DualConfig:
     proxy_tokens: int = 512  # general tokens per proxy measurement at least: whole validation pieces (text measures)
     proxy_items: int = 64  # MCQ items of the proxy (drop_pts measures)
     start: float = 0.0  # the coefficient's starting value; 0 = the method config's value
+    smooth: float = 0.0  # weight of the past in an exponential moving average of the readings; 0 = each as it is
 
     def check(self) -> "DualConfig":
         for name in ("every", "proxy_tokens", "proxy_items"):
@@ -62,6 +64,8 @@ class DualConfig:
                 raise ConfigError(f"dual.{name} must be > 0, got {getattr(self, name)}")
         if self.kp < 0 or self.kd < 0 or self.start < 0:
             raise ConfigError("dual.kp, dual.kd and dual.start must be >= 0")
+        if not 0 <= self.smooth < 1:
+            raise ConfigError(f"dual.smooth must be in [0, 1), got {self.smooth}")
         return self
 
 
@@ -81,6 +85,7 @@ class DualUpdate:
         self.value = min(max(start, lo), hi)
         self.u = self._to_u(self.value)
         self.v_prev: float | None = None
+        self.level: float | None = None  # the reading the update acts on (smoothed when cfg.smooth > 0)
 
     def _to_u(self, c: float) -> float:
         return math.log(c) if self.log else c / LINEAR_STEP
@@ -93,8 +98,17 @@ class DualUpdate:
         m = self.cfg.max_violation
         return max(-m, min(m, v)) if math.isfinite(v) else m
 
+    def smoothed(self, measured: float) -> float:
+        """The moving average of the readings so far (a non-finite reading is passed on, not averaged in)."""
+        s = self.cfg.smooth
+        if s and self.level is not None and math.isfinite(measured) and math.isfinite(self.level):
+            self.level = s * self.level + (1 - s) * measured
+        else:
+            self.level = measured
+        return self.level
+
     def update(self, measured: float) -> float:
-        v = self.violation(measured)
+        v = self.violation(self.smoothed(measured))
         lo_u, hi_u = self._to_u(self.lo), self._to_u(self.hi)
         self.u = max(lo_u, min(hi_u, self.u + self.cfg.eta * v))  # anti-windup: the integral stays in range
         dv = 0.0 if self.v_prev is None else v - self.v_prev
@@ -305,7 +319,10 @@ class DualController(TrainerCallback):
         if not self.frozen:
             self.method.set_coefficient(self.rule.update(measured))
         self.seconds += time.perf_counter() - t0
-        self._record(state.global_step, measured, update=not self.frozen, **({"thawed": True} if thawed else {}))
+        extra = {"thawed": True} if thawed else {}
+        if self.cfg.smooth and not self.frozen:
+            extra["smoothed"] = self.rule.level
+        self._record(state.global_step, measured, update=not self.frozen, **extra)
 
     def on_train_end(self, args, state, control, **kw):
         if self.rule is None or (self.trace and self.trace[-1]["step"] == state.global_step):
@@ -324,5 +341,5 @@ class DualController(TrainerCallback):
                 "target": self.rule.target if self.rule else None, "measurements": self.measurements,
                 "seconds": round(self.seconds, 3), "proxy": self.proxy.describe(),
                 **kept_note(self.trace),
-                "settings": {k: getattr(self.cfg, k) for k in ("every", "eta", "kp", "kd", "margin")},
+                "settings": {k: getattr(self.cfg, k) for k in ("every", "eta", "kp", "kd", "margin", "smooth")},
                 "trace": self.trace}

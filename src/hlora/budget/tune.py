@@ -128,6 +128,14 @@ def pick_winner(candidates: list[dict]) -> dict | None:
                                   -r["_result"].chosen.forgetting), default=None)
 
 
+def _steering(b: Budget, dcfg: DualConfig, slices: SliceConfig, window: int) -> dict:
+    """What names a steered run besides its settings: the budget, the controller, the slices and the window the
+    proxy scores pieces in."""
+    # dual.smooth came later: off, it stays out of the digest, so runs named before it keep their names
+    dual = {k: v for k, v in to_dict(dcfg).items() if k != "smooth" or v}
+    return {"budget": to_dict(b), "dual": dual, "slices": to_dict(slices), "window": window}
+
+
 def _kept_run(cfg: TuneConfig, rc: RunConfig, label: str, steer: dict,
               target: float) -> tuple[Path, float, float] | None:
     """A finished run of `tune.runs_dir` that this steered run would repeat step for step, and the limit and
@@ -245,8 +253,7 @@ def _tune(cfg: TuneConfig | None, budget: str | Budget | None, overrides: list[s
         elif cfg.init_adapter and cfg.tune.method == "auto":
             changes.update(init_adapter="", importance_file="")  # the others start fresh, as in the fronts
         dcfg = dataclasses.replace(cfg.dual, start=cfg.tune.start.get(name, cfg.dual.start))
-        steer = ({"budget": to_dict(b), "dual": to_dict(dcfg), "slices": to_dict(cfg.slices),
-                  "window": ecfg.ppl_window} if steered else None)  # the proxy scores pieces in the measure's window
+        steer = _steering(b, dcfg, cfg.slices, ecfg.ppl_window) if steered else None
         rc = _placed(cfg, _run_config(cfg, **changes), label, steer)
         ctrl = DualController(make_proxy(b, gen_val, dcfg, ecfg.ppl_window), b.limit, dcfg) if steered else None
         kept = (_kept_run(cfg, rc, label, steer, dcfg.margin * b.limit)
