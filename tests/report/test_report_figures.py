@@ -247,6 +247,7 @@ def test_budget_verdicts_and_the_best_fixed_point_within_each_budget(tmp_path):
     summary = tuned_markdown([{**relaxed, "winner": {**relaxed["winner"], "alpha": 1.0}}]).split("\n\n")[-1]
     assert "1 is under a budget that did not bind" in " ".join(summary.split())
     assert max(map(len, summary.splitlines())) <= 118  # wrapped like the prose around it
+    assert not any(line.startswith("%") for line in summary.splitlines())  # "±10 %" stays on one line
 
     def rec(method, seed, acc, kl, ppl, bat, sweep=None):
         r = cell(method, "sciq", seed, acc, ppl, kl=kl, sweep=sweep, main=sweep is None)

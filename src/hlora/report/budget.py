@@ -256,5 +256,7 @@ def tuned_markdown(tuned: Iterable[dict], records: Iterable[dict] = ()) -> str:
                f"on the test slice; {verdicts.count('OVER')} are above it by more than the validation slice's standard "
                "error" + (f"; {slack} {'is' if slack == 1 else 'are'} under a budget that did not bind (the whole "
                           "adapter, its coefficient relaxed by the controller or none)" if slack else "") + ".")
-    # wrapped like the prose around it: the sentence lands in docs that are read as plain text too
-    return "\n".join(rows) + "\n\n" + textwrap.fill(summary, width=118, break_on_hyphens=False) + "\n"
+    # wrapped like the prose around it (the sentence lands in docs that are read as plain text too), never between a
+    # number and its "%": the space before it is held by a placeholder while wrapping
+    wrapped = textwrap.fill(summary.replace(" %", "\0%"), width=118, break_on_hyphens=False).replace("\0", " ")
+    return "\n".join(rows) + "\n\n" + wrapped + "\n"
