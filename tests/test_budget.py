@@ -318,7 +318,8 @@ def test_dual_controller_on_a_tiny_model_steers_the_coefficient(tmp_path, data):
     proxies, smoothed = [r["proxy"] for r in logged[1:]], [r["smoothed"] for r in logged[1:]]
     assert smoothed[0] == proxies[0] and smoothed[1] == pytest.approx(0.5 * proxies[0] + 0.5 * proxies[1])
     assert "smoothed" not in logged[0] and ctrl.summary()["settings"]["smooth"] == 0.5
-    assert all(b2 > b1 for b1, b2 in zip([r["value"] for r in logged], [r["value"] for r in logged][1:]))
+    betas = [r["value"] for r in logged]
+    assert all(b2 > b1 for b1, b2 in zip(betas, betas[1:]))
 
 
 def test_replay_lays_out_steps_lazily_like_mix_order():
